@@ -1,0 +1,1 @@
+"""The Stable Alignment trainer, TRL-style."""
