@@ -1,0 +1,305 @@
+"""Golden tests of ``sandbox transform`` on hand-written records written as real Arrow shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from datasets import Dataset, Features, Value, load_dataset, load_from_disk
+from datasets.arrow_writer import ArrowWriter
+
+from pipeline import transform as tf
+from pipeline.records import RECORD_FEATURES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the loaded shards and map caches of a test in its own folder, not in ~/.cache."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+def make_record(i: int, **overrides: Any) -> dict[str, Any]:
+    """A complete ``ok`` record: question ``q<i>``, draft scored 3 before, revision 6 after."""
+    record = {
+        "run_id": "run-a",
+        "world_id": "w0",
+        "round": 0,
+        "agent_id": i,
+        "stance": "good",
+        "question": f"q{i}",
+        "draft": f"draft {i}",
+        "feedback": [
+            {"agent_id": 1, "rating": 5.0, "reason": f"fair {i}", "raw": "Rating: 5 ### Reason: fair"},
+            {"agent_id": 2, "rating": 2.0, "reason": f"harsh {i}", "raw": "Rating: 2 ### Reason: harsh"},
+        ],
+        "revision": f"revision {i}",
+        "scores": {
+            "alignment_before": 3.0,
+            "alignment_after": 6.0,
+            "engagement_before": 4.0,
+            "engagement_after": 5.0,
+        },
+        "observer_reasons": dict.fromkeys(
+            ("alignment_before", "alignment_after", "engagement_before", "engagement_after"), "ok"
+        ),
+        "status": "ok",
+        "error": None,
+        "agent_model": "agent-lm",
+        "observer_model": "observer-lm",
+        "prompt_version": "v1",
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "calls": 10,
+    }
+    return record | overrides
+
+
+def write_shard(path: Path, records: list[dict[str, Any]], features: Features = RECORD_FEATURES) -> Path:
+    """Write ``records`` with datasets' ArrowWriter, as ``sandbox simulate`` does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(path=str(path), features=features) as writer:
+        for record in records:
+            writer.write(features.encode_example(record))
+        writer.finalize()
+    return path
+
+
+def golden_records() -> list[dict[str, Any]]:
+    scores = make_record(0)["scores"]
+    return [
+        make_record(0),
+        # same question and same draft as record 0: merged into its imitation/self-critic groups
+        make_record(
+            1, question="q0", draft="draft 0", revision="revision 0", scores=scores | {"alignment_after": 7.0}
+        ),
+        make_record(2, status="failed", error="timeout"),
+        # a null neighbour rating, an off-scale one (the reference's sentinel 8) and a NaN observer score
+        make_record(
+            3,
+            feedback=[
+                {"agent_id": 1, "rating": None, "reason": "unreadable", "raw": "??"},
+                {"agent_id": 2, "rating": 8.0, "reason": "sentinel", "raw": "8"},
+                {"agent_id": 4, "rating": 6.0, "reason": "", "raw": "Rating: 6"},
+            ],
+            scores=scores | {"alignment_before": math.nan},
+        ),
+        # realignment thresholds: no rise, and a rise that ends at the midpoint (4 is not above 4)
+        make_record(4, scores=scores | {"alignment_before": 6.0, "alignment_after": 6.0}),
+        make_record(5, scores=scores | {"alignment_before": 2.0, "alignment_after": 4.0}),
+        make_record(6, scores=scores | {"alignment_after": None}),
+    ]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "run"
+    write_shard(folder / "world-0" / "shard-00000.arrow", golden_records()[:4])
+    write_shard(folder / "world-1" / "shard-00000.arrow", golden_records()[4:])
+    # what the simulator may leave around: a shard being written and a hidden file, both ignored
+    write_shard(folder / "world-1" / ".shard-00001.arrow", [make_record(99)])
+    (folder / "world-1" / "shard-00001.arrow.tmp").write_bytes(b"partial")
+    (folder / "config.yaml").write_text(
+        "world:\n  size: 3\nbackend:\n  model: agent-lm\n  api_key: sk-secret\n"
+    )
+    return folder
+
+
+def by_prompt(dataset: Dataset) -> dict[str, dict[str, Any]]:
+    return {row["prompt"]: row for row in dataset}
+
+
+def test_golden_groups_and_counts(run_dir: Path) -> None:
+    result = tf.transform([run_dir], ratio={"imitation": 1, "self_critic": 1, "realignment": 1})
+    summary, configs = result.summary, result.configs
+
+    assert summary["records"] == 7 and summary["failed_records"] == 1
+    imitation = by_prompt(configs["imitation"])
+    assert set(imitation) == {"q0", "q3", "q4", "q5", "q6"}
+    # records 0 and 1 gave the same draft and revision: merged, mean score, best first
+    assert imitation["q0"]["completions"] == ["revision 0", "draft 0"]
+    assert imitation["q0"]["scores"] == [6.5, 3.0]
+    assert imitation["q0"]["num_sources"] == 2 and imitation["q0"]["run_ids"] == ["run-a"]
+    # NaN before-score: the draft is skipped, the revision kept alone as an SFT-only group
+    assert imitation["q3"]["completions"] == ["revision 3"] and imitation["q3"]["sft_only"]
+    assert imitation["q6"]["completions"] == ["draft 6"] and imitation["q6"]["scores"] == [3.0]
+
+    self_critic = configs["self_critic"]
+    prompt0 = tf.PROMPT_TEMPLATE.format(
+        question="q0", draft="draft 0", instruction=tf.SELF_CRITIC_INSTRUCTION
+    )
+    group0 = by_prompt(self_critic)[prompt0]
+    assert group0["completions"] == ["fair 0", "fair 1", "harsh 0", "harsh 1"]
+    assert group0["scores"] == [5.0, 5.0, 2.0, 2.0] and not group0["sft_only"]
+    prompt3 = tf.PROMPT_TEMPLATE.format(
+        question="q3", draft="draft 3", instruction=tf.SELF_CRITIC_INSTRUCTION
+    )
+    assert prompt3 not in by_prompt(self_critic)  # null, off-scale and empty reason: nothing left
+
+    realignment = configs["realignment"]
+    assert sorted(row["num_sources"] for row in realignment) == [2]  # only q0 (records 0 and 1) qualifies
+    (row,) = list(realignment)
+    expected = [f"fair {i}\nharsh {i}{tf.REALIGNMENT_SEPARATOR}revision 0" for i in (1, 0)]
+    assert row["completions"] == expected and row["scores"] == [7.0, 6.0]
+    assert row["prompt"].endswith(tf.REALIGNMENT_INSTRUCTION)
+
+    kinds = summary["kinds"]
+    assert kinds["imitation"]["skipped"] == {
+        "null_score": 1,
+        "out_of_scale": 1,
+        "empty": 0,
+        "below_threshold": 0,
+    }
+    assert kinds["self_critic"]["skipped"] == {
+        "null_score": 1,
+        "out_of_scale": 1,
+        "empty": 1,
+        "below_threshold": 0,
+    }
+    assert kinds["realignment"]["skipped"] == {
+        "null_score": 1,
+        "out_of_scale": 1,
+        "empty": 0,
+        "below_threshold": 2,
+    }
+    assert kinds["imitation"]["duplicates_merged"] == 2  # draft 0 and revision 0 of record 1
+    assert kinds["imitation"]["sft_only"] == 2
+    assert summary["agent_models"] == ["agent-lm"] and summary["observer_models"] == ["observer-lm"]
+    (config,) = summary["run_configs"].values()
+    assert config == {"world": {"size": 3}, "backend": {"model": "agent-lm"}}  # the api_key is gone
+
+
+def test_dedup_is_within_group_only(tmp_path: Path) -> None:
+    same = "I would tell the truth kindly."
+    records = [make_record(0, draft=same), make_record(1, draft=same)]
+    result = tf.transform([write_shard(tmp_path / "s.arrow", records)])
+    imitation = by_prompt(result.configs["imitation"])
+    # the same text answers two different questions: kept in both groups
+    assert same in imitation["q0"]["completions"] and same in imitation["q1"]["completions"]
+
+
+def test_mixing_ratio_and_seed(tmp_path: Path) -> None:
+    records = [make_record(i) for i in range(40)]
+    shard = write_shard(tmp_path / "s.arrow", records)
+    ratio = tf.parse_ratio("5:1:1")
+    first = tf.transform([shard], ratio=ratio, seed=1)
+    # 40 groups of each kind available; 5:1:1 keeps 40 imitation, 8 self-critic, 8 realignment
+    assert {k: v["kept_in_mixed"] for k, v in first.summary["kinds"].items()} == {
+        "imitation": 40,
+        "self_critic": 8,
+        "realignment": 8,
+    }
+    assert {k: v["available"] for k, v in first.summary["kinds"].items()} == dict.fromkeys(tf.KINDS, 40)
+    mixed = first.configs["mixed"]
+    assert len(mixed) == 56 and sorted(mixed["kind"]).count("self_critic") == 8
+    again = tf.transform([shard], ratio=ratio, seed=1).configs["mixed"]
+    other = tf.transform([shard], ratio=ratio, seed=2).configs["mixed"]
+    assert again["prompt"] == mixed["prompt"]
+    assert other["prompt"] != mixed["prompt"]
+    assert tf.mix_counts({"imitation": 10, "self_critic": 0, "realignment": 5}, ratio) == {
+        "imitation": 10,
+        "self_critic": 0,
+        "realignment": 2,
+    }
+
+
+def test_rerun_reuses_the_cache(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "run" / "s.arrow", [make_record(i) for i in range(5)])
+    first = tf.transform([shard.parent])
+    second = tf.transform([shard.parent])
+    for name in tf.CONFIGS:
+        assert first.configs[name]._fingerprint == second.configs[name]._fingerprint
+    cached = {f["filename"] for f in first.configs["imitation"].cache_files}
+    assert cached == {f["filename"] for f in second.configs["imitation"].cache_files}
+
+
+def test_conversational_style(tmp_path: Path) -> None:
+    result = tf.transform([write_shard(tmp_path / "s.arrow", [make_record(0)])], style="conversational")
+    row = result.configs["imitation"][0]
+    assert row["prompt"] == [{"role": "user", "content": "q0"}]
+    assert row["completions"] == [
+        [{"role": "assistant", "content": "revision 0"}],
+        [{"role": "assistant", "content": "draft 0"}],
+    ]
+    assert result.configs["mixed"].features == tf.CONVERSATIONAL_GROUP_FEATURES
+
+
+def test_cli_writes_every_config_atomically(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    assert tf.main([str(run_dir), "--output", str(out), "--ratio", "1:1:1", "--seed", "3"]) == 0
+    assert "imitation" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", *sorted(tf.CONFIGS), "summary.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    mixed = load_from_disk(str(out / "mixed"))
+    assert mixed.features == tf.GROUP_FEATURES
+    assert json.loads((out / "summary.json").read_text())["configs"]["mixed"]["rows"] == len(mixed)
+    # an existing output is never clobbered without --overwrite
+    assert tf.main([str(run_dir), "--output", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_parquet_loads_with_load_dataset(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "transform",
+        str(run_dir),
+        "-o",
+        str(out),
+        "--output-format",
+        "parquet",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (out / "imitation").iterdir()) == ["train-00000-of-00001.parquet"]
+    groups = load_dataset(str(out), "imitation", split="train")
+    assert set(groups["prompt"]) == {"q0", "q3", "q4", "q5", "q6"}
+    assert (
+        len(load_dataset(str(out), split="train"))
+        == json.loads((out / "summary.json").read_text())["configs"]["mixed"]["rows"]
+    )
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert tf.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
+    assert err.startswith("sandbox transform: error:")
+    return err
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    wrong = Features({**RECORD_FEATURES, "scores": {k: Value("float64") for k in RECORD_FEATURES["scores"]}})
+    write_shard(tmp_path / "wrong" / "s.arrow", [make_record(0)], features=wrong)
+    assert "different schema, column 'scores'" in _error(capsys, [str(tmp_path / "wrong"), "-o", str(out)])
+
+    partial = Features({k: v for k, v in RECORD_FEATURES.items() if k not in ("draft", "revision")})
+    write_shard(tmp_path / "partial" / "s.arrow", [make_record(0)], features=partial)
+    assert "missing columns draft, revision" in _error(capsys, [str(tmp_path / "partial"), "-o", str(out)])
+
+    (tmp_path / "empty").mkdir()
+    assert "no record shards" in _error(capsys, [str(tmp_path / "empty"), "-o", str(out)])
+    write_shard(tmp_path / "none" / "s.arrow", [])
+    assert "holds no records" in _error(capsys, [str(tmp_path / "none"), "-o", str(out)])
+    write_shard(tmp_path / "failed" / "s.arrow", [make_record(0, status="failed")])
+    assert "no usable examples" in _error(capsys, [str(tmp_path / "failed"), "-o", str(out)])
+    assert "--ratio" in _error(capsys, [str(tmp_path / "failed"), "-o", str(out), "--ratio", "5:1"])
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
