@@ -1,0 +1,94 @@
+"""``sandbox evaluate`` on real backends: the tiny model answers, the tiny model observes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+from pipeline import evaluate
+from pipeline.llm.testing import FakeOpenAIServer
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    path = tmp_path / "questions.txt"
+    path.write_text("Is it kind to share credit?\nShould you lie to a friend?\n\nIs honesty fair?\n")
+    return path
+
+
+def test_compare_two_models(tiny_model_dir: Path, pool: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "eval"
+    code = evaluate.main(
+        [
+            "--compare", str(tiny_model_dir), f"{tiny_model_dir}/",
+            "--names", "a", "b",
+            "--questions", str(pool),
+            "--observer", str(tiny_model_dir),
+            "--max-tokens", "8",
+            "--output", str(output),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split(" | ")[0].strip() == "model"
+    scores = load_from_disk(str(output / "scores"))
+    assert scores.num_rows == 6  # 3 questions (the blank line is not one) x 2 models
+    assert set(scores["model"]) == {"a", "b"}
+    # The observer reads digit log-probabilities from the local model, so every answer is scored.
+    for aspect in evaluate.ASPECTS:
+        assert all(1 <= s <= 7 for s in scores[aspect])
+    summary = json.loads((output / "summary.json").read_text())
+    assert {(s["model"], s["aspect"]) for s in summary} == {(m, a) for m in "ab" for a in evaluate.ASPECTS}
+    # Same greedy model, same questions, same observer: the two columns agree exactly.
+    by = {(s["model"], s["aspect"]): s for s in summary}
+    for aspect in evaluate.ASPECTS:
+        assert math.isclose(by["a", aspect]["mean"], by["b", aspect]["mean"])
+        assert by["a", aspect]["null_share"] == 0
+    assert (output / "evaluation.png").stat().st_size > 1000
+
+
+def test_summary_statistics() -> None:
+    s = evaluate.summarize("m", "alignment", [2.0, 4.0, None, 6.0])
+    assert s.n == 4 and s.mean == 4.0 and s.null_share == 0.25
+    assert s.ci95 == pytest.approx(1.959964 * 2.0 / math.sqrt(3), rel=1e-5)
+    empty = evaluate.summarize("m", "alignment", [None, None])
+    assert empty.mean is None and empty.ci95 is None and empty.null_share == 1.0
+
+
+def test_overlap_with_simulation_pool_warns(pool: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "sim.txt"
+    other.write_text("IS HONESTY FAIR?\nSomething else?\n")
+    questions = ["Is it kind to share credit?", "Is honesty fair?"]
+    assert evaluate.warn_overlap(questions, str(other)) == 1
+    assert "1 of 2 evaluation questions are also in" in capsys.readouterr().err
+
+
+def test_openai_endpoint_model_reference() -> None:
+    spec = evaluate.backend_spec("my-model@http://127.0.0.1:8000/v1", max_tokens=5)
+    assert (spec.kind, spec.model, spec.base_urls, spec.max_tokens) == (
+        "openai", "my-model", ["http://127.0.0.1:8000/v1"], 5
+    )
+    assert evaluate.backend_spec("embedded").kind == "embedded"
+    assert evaluate.backend_spec("org/some-hub-model").kind == "local"
+
+
+def test_bad_models_fail_cleanly(tmp_path: Path, pool: Path, capsys) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    for ref, expected in (
+        (str(tmp_path / "missing"), "has no config.json"),
+        (str(corrupt), "cannot load"),
+        ("m@http://127.0.0.1:9/v1", "unreachable"),
+    ):
+        code = evaluate.main(["--model", ref, "--questions", str(pool), "--observer", ref,
+                              "--cache-mode", "off", "--output", str(tmp_path / "out")])  # fmt: skip
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("sandbox evaluate: error:")]
+        assert code == 2, err
+        assert len(errors) == 1 and expected in errors[0], err
+        assert not (tmp_path / "out" / "summary.json").exists()
