@@ -1,0 +1,101 @@
+"""Real multi-process launches of recipes/train.py on CPU: DDP and DeepSpeed ZeRO-2 / ZeRO-3, 2 processes each."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+# `--cpu` would silently run one process; without GPUs, `--multi_gpu` runs DDP over gloo and DeepSpeed falls back to
+# its CPU accelerator.
+LAUNCHES = {
+    "ddp": ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"],
+    "zero2": [
+        "--config_file",
+        "accelerate_configs/deepspeed_zero2.yaml",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+    ],
+    "zero3": [
+        "--config_file",
+        "accelerate_configs/deepspeed_zero3.yaml",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+    ],
+}
+DISTRIBUTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+
+
+@pytest.fixture(scope="module")
+def groups_dir(tmp_path_factory) -> Path:
+    """A `save_to_disk` folder with one subfolder per config, as the transforms stage writes it."""
+    rows = {
+        "prompt": [
+            [{"role": "user", "content": q}] for q in ("Is it ok to lie?", "Share credit?", "Skip the queue?")
+        ],
+        "completions": [
+            [[{"role": "assistant", "content": a}] for a in answers]
+            for answers in (
+                ["Honesty matters.", "Sure.", "It depends."],
+                ["Yes, share it."],
+                ["No.", "Push ahead."],
+            )
+        ],
+        "scores": [[6.0, 2.0, 4.0], [7.0], [6.0, 1.0]],
+    }
+    folder = tmp_path_factory.mktemp("groups")
+    DatasetDict({"train": Dataset.from_dict({k: v * 4 for k, v in rows.items()})}).save_to_disk(
+        folder / "mixed"
+    )
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_two_process_launch_trains_and_saves_a_reloadable_model(launch, tiny_model_dir, groups_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    command = [
+        str(ACCELERATE), "launch", *LAUNCHES[launch], "--main_process_port", str(free_port()),
+        "recipes/train.py", "--config", "recipes/configs/train_tiny_cpu.yaml",
+        "--model_name_or_path", str(tiny_model_dir),
+        "--dataset_name", str(groups_dir), "--dataset_config", "mixed",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    # The world size is printed by the main process from the trainer's accelerator: 2 really ran.
+    assert f"2 process(es), distributed type DistributedType.{DISTRIBUTED_TYPE[launch]}" in output, output[
+        -3000:
+    ]
+    losses = [float(x) for x in re.findall(r"'loss': '([0-9.]+)'", output)]
+    assert len(losses) == 3
+
+    trained = AutoModelForCausalLM.from_pretrained(output_dir)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for (name, a), b in zip(trained.named_parameters(), initial.parameters(), strict=True):
+        assert a.shape == b.shape and torch.isfinite(a).all(), name
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+    assert "stable-alignment" in (output_dir / "README.md").read_text()
