@@ -11,6 +11,7 @@ from pipeline.llm.base import (
     Rating,
     Usage,
 )
+from pipeline.llm.factory import build_backend
 
 __all__ = [
     "BackendSpec",
@@ -22,4 +23,5 @@ __all__ = [
     "Message",
     "Rating",
     "Usage",
+    "build_backend",
 ]

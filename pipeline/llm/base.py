@@ -42,6 +42,8 @@ class Completion:
     model: str
     usage: Usage = field(default_factory=Usage)
     cached: bool = False
+    response: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The backend's raw response (the server's JSON for OpenAI-compatible servers), kept in the cache."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class Rating:
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
     cached: bool = False
+    response: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The backend's raw response, as for :attr:`Completion.response`."""
 
 
 class LLMError(RuntimeError):
@@ -105,6 +109,17 @@ class BackendSpec:
     token_budget: int | None = None
     call_budget: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    pool_max_failures: int = 3
+    """An endpoint of a pool that fails this many calls in a row is taken out for ``pool_cooldown``."""
+    pool_cooldown: float = 30.0
+
+    def sampling(self, **overrides: Any) -> dict[str, Any]:
+        """The sampling parameters of one call: these defaults, updated with the call's own."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+        } | overrides
 
 
 class ChatBackend(abc.ABC):
@@ -113,9 +128,7 @@ class ChatBackend(abc.ABC):
     model_name: str
 
     @abc.abstractmethod
-    async def complete(
-        self, messages: list[Message], *, sample_index: int = 0, **params: Any
-    ) -> Completion:
+    async def complete(self, messages: list[Message], *, sample_index: int = 0, **params: Any) -> Completion:
         """Answer a chat. ``sample_index`` keeps several samples of one prompt distinct in the cache."""
 
     @abc.abstractmethod

@@ -1,0 +1,279 @@
+"""An in-process transformers model that batches concurrent requests.
+
+Calls put their request on a queue and await a future. One worker thread owns the model: it takes
+the oldest request, gathers whatever else arrived meanwhile (waiting at most ``batch_wait_ms`` when
+the queue is empty) up to ``max_batch_size`` compatible requests, and runs them as one left-padded
+``generate`` (or one forward pass for rating digits). The event loop never waits on the model.
+
+Ratings come from log-probabilities: the assistant turn is prefilled with ``Rating: `` and the
+next-token distribution over the digits ``1..scale`` (renormalised) gives the score's expected
+value; the reason is then generated after ``Rating: <most likely digit>\\nReason:``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.llm.base import BackendSpec, ChatBackend, Completion, LLMError, Message, Rating, Usage
+from pipeline.llm.ratings import RATING_PREFIX, REASON_PREFIX, rating_from_text
+
+_SAMPLING_KEYS = frozenset({"temperature", "top_p", "max_tokens"})
+
+
+@dataclass
+class _Request:
+    """One prompt waiting for the model. Requests share a batch only when their ``key`` is equal."""
+
+    key: tuple
+    messages: list[Message]
+    prefill: list[int]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Generated:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class LocalBackend(ChatBackend):
+    """A Hugging Face causal LM folder (or Hub name) run in-process with request batching.
+
+    ``batch_sizes`` records the size of every model invocation, for tests and benchmarks.
+    Greedy when the temperature is 0. Sampled answers depend on which requests shared a batch, so
+    they are reproducible through the response cache rather than through a seed.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        spec: BackendSpec,
+        *,
+        model_name: str | None = None,
+        identity: str | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if spec.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {spec.max_batch_size}")
+        self.spec = spec
+        self.model_name = model_name or str(model_path)
+        self.identity = identity or f"local:{self.model_name}"
+        self.batch_sizes: list[int] = []
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if not self.tokenizer.chat_template:
+            raise ValueError(
+                f"{model_path}: the tokenizer has no chat template; use an instruction-tuned model"
+            )
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float32 if device == "cpu" else "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        eos = self.model.generation_config.eos_token_id
+        self._eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self._rating_tokens: dict[int, tuple[list[int], dict[int, int]] | None] = {}
+        self._closed = False
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._work, name=f"llm-{Path(self.model_name).name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- event-loop side -------------------------------------------------------------------------
+
+    def _sampling(self, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - _SAMPLING_KEYS
+        if unknown:
+            raise ValueError(
+                f"the local backend does not support {sorted(unknown)}; use {sorted(_SAMPLING_KEYS)}"
+            )
+        return self.spec.sampling(**params)
+
+    async def _submit(self, key: tuple, messages: list[Message], prefill: list[int]) -> Any:
+        if self._closed:
+            raise LLMError(f"{self.identity}: the backend is closed")
+        loop = asyncio.get_running_loop()
+        request = _Request(key, messages, prefill, loop, loop.create_future())
+        self._queue.put(request)
+        return await request.future
+
+    async def _generate(
+        self, messages: list[Message], prefill: list[int], sampling: dict[str, Any]
+    ) -> _Generated:
+        key = (
+            "generate",
+            int(sampling["max_tokens"]),
+            float(sampling["temperature"]),
+            float(sampling["top_p"]),
+        )
+        return await self._submit(key, messages, prefill)
+
+    async def complete(self, messages: list[Message], *, sample_index: int = 0, **params: Any) -> Completion:
+        out = await self._generate(messages, [], self._sampling(params))
+        usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
+        return Completion(text=out.text, model=self.model_name, usage=usage)
+
+    def rating_tokens(self, scale: int) -> tuple[list[int], dict[int, int]] | None:
+        """Token ids of the ``Rating: `` prefill and of each digit ``1..scale`` that follows it.
+
+        ``None`` when the digits are not single tokens after one shared prefill (e.g. ``10``).
+        """
+        if scale not in self._rating_tokens:
+            encoded = {
+                d: self.tokenizer.encode(f"{RATING_PREFIX} {d}", add_special_tokens=False)
+                for d in range(1, scale + 1)
+            }
+            prefill = encoded[1][:-1]
+            digits = {d: ids[-1] for d, ids in encoded.items()}
+            shared = (
+                all(ids[:-1] == prefill for ids in encoded.values()) and len(set(digits.values())) == scale
+            )
+            self._rating_tokens[scale] = (prefill, digits) if shared else None
+        return self._rating_tokens[scale]
+
+    async def rate(
+        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+    ) -> Rating:
+        sampling = self._sampling(params)
+        tokens = self.rating_tokens(scale)
+        if tokens is None:
+            out = await self._generate(messages, [], sampling)
+            usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
+            return rating_from_text(out.text, scale=scale, model=self.model_name, usage=usage)
+        prefill, digits = tokens
+        logprobs = await self._submit(("score", tuple(digits.values())), messages, prefill)
+        mass = sum(math.exp(lp) for lp in logprobs)
+        distribution = {d: math.exp(lp) / mass for d, lp in zip(digits, logprobs, strict=True)}
+        best = max(distribution, key=distribution.__getitem__)
+        reason_label = self.tokenizer.encode(f"\n{REASON_PREFIX}", add_special_tokens=False)
+        reason_prefill = [*prefill, digits[best], *reason_label]
+        out = await self._generate(messages, reason_prefill, sampling)
+        reason = out.text.strip()
+        return Rating(
+            score=sum(d * p for d, p in distribution.items()),
+            reason=reason,
+            raw=f"{RATING_PREFIX} {best}\n{REASON_PREFIX} {reason}",
+            method="logprobs",
+            model=self.model_name,
+            scale=scale,
+            distribution=distribution,
+            usage=Usage(
+                prompt_tokens=out.prompt_tokens - len(reason_prefill),
+                completion_tokens=1 + len(out.token_ids),
+            ),
+            response={"digit_probability_mass": mass},
+        )
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    # -- worker-thread side ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        pending: list[_Request] = []
+        closing = False
+        while not closing or pending:
+            if not pending:
+                first = self._queue.get()
+                if first is None:
+                    return
+                pending.append(first)
+            deadline = time.monotonic() + self.spec.batch_wait_ms / 1000
+            while not closing and sum(r.key == pending[0].key for r in pending) < self.spec.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    pending.append(item)
+            batch = [r for r in pending if r.key == pending[0].key][: self.spec.max_batch_size]
+            pending = [r for r in pending if all(r is not b for b in batch)]
+            self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            results = self._score(batch) if batch[0].key[0] == "score" else self._generate_batch(batch)
+            errors: list[BaseException | None] = [None] * len(batch)
+        except Exception as exc:  # one failing batch must not kill the worker
+            error = LLMError(f"{self.identity}: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            results, errors = [None] * len(batch), [error] * len(batch)
+        for request, result, error in zip(batch, results, errors, strict=True):
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+                request.loop.call_soon_threadsafe(_resolve, request.future, result, error)
+
+    def _encode(self, batch: list[_Request]) -> tuple[Any, list[int]]:
+        """Left-padded input ids, attention mask and position ids of the prompts (plus prefills)."""
+        ids = [
+            self.tokenizer.encode(
+                self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False,
+            )
+            + r.prefill
+            for r in batch
+        ]
+        inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(
+            self.model.device
+        )
+        # Positions count real tokens only, so a padded prompt sees the same positions as alone.
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return inputs, [len(i) for i in ids]
+
+    def _score(self, batch: list[_Request]) -> list[list[float]]:
+        torch = self._torch
+        inputs, _ = self._encode(batch)
+        self.batch_sizes.append(len(batch))
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits[:, -1, :].float()
+        digit_ids = list(batch[0].key[1])
+        return torch.log_softmax(logits, dim=-1)[:, digit_ids].tolist()
+
+    def _generate_batch(self, batch: list[_Request]) -> list[_Generated]:
+        torch = self._torch
+        _, max_tokens, temperature, top_p = batch[0].key
+        inputs, lengths = self._encode(batch)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        self.batch_sizes.append(len(batch))
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **(sampling if temperature > 0 else {"do_sample": False}),
+            )
+        results = []
+        for row, length in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), lengths, strict=True):
+            end = next((i + 1 for i, token in enumerate(row) if token in self._eos_ids), len(row))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+            results.append(_Generated(text=text, token_ids=row[:end], prompt_tokens=length))
+        return results

@@ -1,0 +1,132 @@
+"""Any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp, ``transformers serve``).
+
+Built on ``openai.AsyncOpenAI``: one client per endpoint, reused for every call, with the client's
+own timeouts, retries and backoff (``Retry-After`` honoured). A call that still fails raises
+:class:`LLMError`; the openai/httpx exception is kept as its ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from pipeline.llm.base import BackendSpec, ChatBackend, Completion, LLMError, Message, Rating, Usage
+from pipeline.llm.ratings import (
+    distribution_from_logprobs,
+    expected_score,
+    find_rating_position,
+    parse_reason,
+    rating_from_text,
+)
+
+PLACEHOLDER_API_KEY = "EMPTY"
+"""Sent when the key's environment variable is unset: local servers accept any key."""
+
+TOP_LOGPROBS = 20  # the most OpenAI allows; vLLM's default cap is 20 as well
+
+
+class OpenAIBackend(ChatBackend):
+    """One OpenAI-compatible endpoint (``base_url``) serving ``spec.model``.
+
+    Ratings ask for ``logprobs``; servers that ignore the request (``transformers serve``) or
+    reject it with a 400/422 are then rated from the answer's text, and the endpoint is no longer
+    asked for log-probabilities.
+    """
+
+    def __init__(self, spec: BackendSpec, base_url: str, *, http_client: Any = None):
+        if not spec.model:
+            raise ValueError("an OpenAI-compatible backend needs spec.model (the served model's name)")
+        self.spec = spec
+        self.model_name = spec.model
+        self.identity = base_url
+        self._logprobs = spec.use_logprobs
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=os.environ.get(spec.api_key_env) or PLACEHOLDER_API_KEY,
+            timeout=spec.timeout,
+            max_retries=spec.max_retries,
+            http_client=http_client,
+        )
+
+    async def _create(
+        self, messages: list[Message], params: dict[str, Any], logprobs: bool
+    ) -> ChatCompletion:
+        extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        try:
+            return await self._client.chat.completions.create(
+                model=self.model_name, messages=messages, **self.spec.sampling(**params), **extra
+            )
+        except openai.APIStatusError as exc:
+            if logprobs and exc.status_code in (400, 422):
+                self._logprobs = False
+                return await self._create(messages, params, logprobs=False)
+            raise LLMError(f"{self.identity}: {exc.message}") from exc
+        except openai.APIError as exc:
+            raise LLMError(f"{self.identity}: {type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:  # an empty or non-JSON body fails to decode
+            raise LLMError(f"{self.identity}: unreadable response body: {exc}") from exc
+
+    def _read(self, response: ChatCompletion) -> tuple[str, Usage, dict[str, Any]]:
+        """Text, usage and raw JSON of a response; a malformed one raises :class:`LLMError`."""
+        # The client does not validate response bodies, so a broken server yields odd objects.
+        try:
+            text = response.choices[0].message.content
+            usage = response.usage
+            raw = response.model_dump(mode="json")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            raise LLMError(f"{self.identity}: malformed response: {response!r:.200}") from exc
+        if not isinstance(text, str):
+            raise LLMError(f"{self.identity}: response without message content: {response!r:.200}")
+        tokens = Usage(
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+        return text, tokens, raw
+
+    async def complete(self, messages: list[Message], *, sample_index: int = 0, **params: Any) -> Completion:
+        text, usage, raw = self._read(await self._create(messages, params, logprobs=False))
+        return Completion(text=text, model=self.model_name, usage=usage, response=raw)
+
+    async def rate(
+        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+    ) -> Rating:
+        response = await self._create(messages, params, logprobs=self._logprobs)
+        text, usage, raw = self._read(response)
+        distribution = self._distribution(response, scale)
+        if distribution is None:
+            self._logprobs = self._logprobs and _has_logprobs(response)
+            return rating_from_text(text, scale=scale, model=self.model_name, usage=usage, response=raw)
+        return Rating(
+            score=expected_score(distribution),
+            reason=parse_reason(text),
+            raw=text,
+            method="logprobs",
+            model=self.model_name,
+            scale=scale,
+            distribution=distribution,
+            usage=usage,
+            response=raw,
+        )
+
+    @staticmethod
+    def _distribution(response: ChatCompletion, scale: int) -> dict[int, float] | None:
+        """The rating distribution from the rating digit's ``top_logprobs``, when the server sent them."""
+        if not _has_logprobs(response):
+            return None
+        content = response.choices[0].logprobs.content
+        position = find_rating_position([entry.token for entry in content], scale)
+        if position is None:
+            return None
+        top = {alt.token: alt.logprob for alt in content[position].top_logprobs or []}
+        return distribution_from_logprobs(top, scale)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _has_logprobs(response: ChatCompletion) -> bool:
+    logprobs = getattr(response.choices[0], "logprobs", None)
+    return bool(logprobs is not None and getattr(logprobs, "content", None))

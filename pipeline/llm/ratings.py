@@ -1,0 +1,123 @@
+"""Reading a 1..scale rating and its reason out of a model's answer, from text or log-probabilities.
+
+The convention every rating prompt follows: the model answers ``Rating: <1-scale>`` on the first
+line and ``Reason: <one or two sentences>`` on the next. Models drift from it ("5/7", "**5**",
+"I'd give it a 6 out of 7"), so parsing is tolerant; when nothing can be read the score is
+``None`` with the raw text and an error kept, never a stand-in number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pipeline.llm.base import Rating, Usage
+
+RATING_PREFIX = "Rating:"
+REASON_PREFIX = "Reason:"
+
+_NUMBER = r"(\d+(?:\.\d+)?)"
+# Most specific first: an explicit "Rating: 5", then "5/7" or "5 out of 7", then a lone number.
+_PATTERNS = [
+    re.compile(r"\brating\W{0,3}(?:is|of|=)?\W{0,3}" + _NUMBER, re.IGNORECASE),
+    re.compile(_NUMBER + r"\s*(?:/|out\s+of)\s*(\d+)\b", re.IGNORECASE),
+    re.compile(r"\bscore\W{0,3}(?:is|of|=)?\W{0,3}" + _NUMBER, re.IGNORECASE),
+    re.compile(r"\b(?:give|rate|assign)\w*\s+(?:\w+\s+){0,3}?" + _NUMBER, re.IGNORECASE),
+    re.compile(r"^\W*" + _NUMBER + r"\b"),
+]
+_RATING_LABEL = re.compile(
+    r"\brating\W{0,3}(?:is|of|=)?\W{0,3}\d+(?:\.\d+)?(?:\s*/\s*\d+)?\W*", re.IGNORECASE
+)
+_REASON = re.compile(r"\breason\W{0,3}:\s*(.*)", re.IGNORECASE | re.DOTALL)
+
+
+def parse_score(text: str, scale: int = 7) -> tuple[float | None, str | None]:
+    """Return ``(score, error)``: the first rating found in ``text``, clamped to ``1..scale``.
+
+    ``score`` is ``None`` (and ``error`` says why) when the text holds no number that reads as a
+    rating.
+    """
+    for pattern in _PATTERNS:
+        match = pattern.search(text)
+        if match is None:
+            continue
+        # "5/10" on a 1..7 scale is a rating out of 10: rescale instead of clamping to 5.
+        value = float(match.group(1))
+        if match.re is _PATTERNS[1]:
+            denominator = float(match.group(2))
+            if denominator <= 0 or value > denominator:
+                continue
+            if denominator != scale:
+                value = 1 + (value / denominator) * (scale - 1)
+        return float(min(max(value, 1.0), float(scale))), None
+    return None, f"no rating on a 1..{scale} scale found in the answer"
+
+
+def parse_reason(text: str) -> str:
+    """The text after ``Reason:``, or else the answer without its ``Rating: N`` label."""
+    match = _REASON.search(text)
+    if match:
+        return match.group(1).strip()
+    return _RATING_LABEL.sub("", text, count=1).strip(" \t\n*-:")
+
+
+def rating_from_text(
+    text: str, *, scale: int, model: str, usage: Usage | None = None, response: dict[str, Any] | None = None
+) -> Rating:
+    """Build a :class:`Rating` from a free-text answer (``method`` is ``parsed`` or ``failed``)."""
+    score, error = parse_score(text, scale)
+    return Rating(
+        score=score,
+        reason=parse_reason(text),
+        raw=text,
+        method="parsed" if score is not None else "failed",
+        model=model,
+        scale=scale,
+        error=error,
+        usage=usage or Usage(),
+        response=response,
+    )
+
+
+def distribution_from_logprobs(candidates: Mapping[str, float], scale: int) -> dict[int, float] | None:
+    """Renormalise token log-probabilities onto the digits ``1..scale``.
+
+    ``candidates`` maps token strings to log-probabilities (e.g. an OpenAI ``top_logprobs`` entry);
+    tokens that are a digit up to surrounding whitespace (``"5"``, ``" 5"``) add to that digit.
+    Returns ``None`` when no allowed digit carries any probability.
+    """
+    mass = dict.fromkeys(range(1, scale + 1), 0.0)
+    for token, logprob in candidates.items():
+        stripped = token.strip()
+        if stripped.isdigit() and 1 <= int(stripped) <= scale and logprob is not None:
+            mass[int(stripped)] += math.exp(logprob)
+    total = sum(mass.values())
+    if total <= 0.0 or not math.isfinite(total):
+        return None
+    return {digit: p / total for digit, p in mass.items()}
+
+
+def expected_score(distribution: Mapping[int, float]) -> float:
+    """The mean rating under ``distribution``."""
+    return float(sum(digit * p for digit, p in distribution.items()))
+
+
+def find_rating_position(tokens: Iterable[str], scale: int) -> int | None:
+    """Index of the token holding the rating digit in a tokenised ``Rating: N`` answer.
+
+    Prefers the first digit token after a token ending in ``:`` (the ``Rating:`` label); falls back
+    to the first allowed digit token at all.
+    """
+    tokens = list(tokens)
+    first = None
+    for i, token in enumerate(tokens):
+        stripped = token.strip().strip("*")
+        if stripped.isdigit() and 1 <= int(stripped) <= scale:
+            if first is None:
+                first = i
+            label = "".join(tokens[max(0, i - 4) : i]).strip().strip("*").lower()
+            if label.endswith("rating:") or label.endswith(":"):
+                return i
+    return first

@@ -1,0 +1,181 @@
+"""A loopback OpenAI-compatible chat server for tests and benchmarks, with faults on demand.
+
+    with FakeOpenAIServer(delay=0.2) as server:
+        spec = BackendSpec(kind="openai", model="fake", base_urls=[server.base_url])
+
+It runs uvicorn in a background thread on 127.0.0.1 (a free port), answers
+``POST /v1/chat/completions`` after ``delay`` seconds without serialising concurrent requests,
+reports usage, and returns ``logprobs`` when a request asks for them: each digit token of the
+reply carries a spread over its neighbouring digits, so a rating read from log-probabilities has
+a non-integer expected value. ``fault`` makes every request misbehave in one way:
+
+- ``"500"``: HTTP 500; ``"429"``: HTTP 429 with ``Retry-After: 0.1``;
+- ``"hang"``: never answers (until the server stops), to exercise client timeouts;
+- ``"empty"``: HTTP 200 with an empty body; ``"non-json"``: HTTP 200 with a body that is not JSON;
+- ``"nonsense"``: a well-formed answer whose text holds no rating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+FAULTS = ("500", "429", "hang", "empty", "non-json", "nonsense")
+DEFAULT_REPLY = "Rating: 5\nReason: This is a fixed reply from the fake server."
+NONSENSE_REPLY = "Bananas are yellow and the sky is wide."
+_TOKEN = re.compile(r"\s*\d|\s*[^\s\d]+|\s+")
+
+
+def _tokens(text: str) -> list[str]:
+    """Split text the way a BPE tokenizer roughly would: words with their leading space, single digits."""
+    return _TOKEN.findall(text)
+
+
+def _logprobs(tokens: list[str], top_n: int) -> dict[str, Any]:
+    content = []
+    for token in tokens:
+        stripped = token.strip()
+        if stripped.isdigit():
+            digit = int(stripped)
+            spread = {digit: 0.7, digit - 1: 0.2, digit + 1: 0.1}
+            alternatives = [
+                {"token": token.replace(stripped, str(d)), "logprob": math.log(p), "bytes": None}
+                for d, p in spread.items()
+                if 0 <= d <= 9
+            ]
+        else:
+            alternatives = [{"token": token, "logprob": 0.0, "bytes": None}]
+        content.append({**alternatives[0], "top_logprobs": alternatives[:top_n]})
+    return {"content": content, "refusal": None}
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible chat server on 127.0.0.1, used as a context manager.
+
+    ``reply(body) -> str`` chooses the answer text from the request's JSON body (default: a fixed
+    ``Rating: 5`` answer). ``requests`` lists the JSON bodies received; ``max_in_flight`` is the
+    peak number of requests handled at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        delay: float = 0.0,
+        reply: Callable[[dict], str] | None = None,
+        fault: str | None = None,
+    ):
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+        self.delay = delay
+        self.reply = reply or (lambda body: DEFAULT_REPLY)
+        self.fault = fault
+        self.requests: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.base_url = ""
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _chat(self, request: Request) -> Response:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            body = await request.json()
+            self.requests.append(body)
+            await asyncio.sleep(self.delay)
+            return await self._answer(body)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, body: dict) -> Response:
+        if self.fault == "500":
+            return JSONResponse({"error": {"message": "injected failure", "type": "server_error"}}, 500)
+        if self.fault == "429":
+            error = {"error": {"message": "slow down", "type": "rate_limit"}}
+            return JSONResponse(error, 429, headers={"Retry-After": "0.1"})
+        if self.fault == "hang":
+            assert self._stopping is not None
+            await self._stopping.wait()
+            return Response(status_code=503)
+        if self.fault == "empty":
+            return Response(b"", media_type="application/json")
+        if self.fault == "non-json":
+            return Response(b"<html>this is not JSON</html>", media_type="application/json")
+        text = NONSENSE_REPLY if self.fault == "nonsense" else self.reply(body)
+        tokens = _tokens(text)
+        prompt_tokens = sum(len(_tokens(str(m.get("content", "")))) + 4 for m in body.get("messages", []))
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": text},
+            "logprobs": _logprobs(tokens, int(body.get("top_logprobs") or 1))
+            if body.get("logprobs")
+            else None,
+        }
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "fake"),
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(tokens),
+                    "total_tokens": prompt_tokens + len(tokens),
+                },
+            }
+        )
+
+    def _run(self, sock: socket.socket, ready: threading.Event) -> None:
+        async def serve() -> None:
+            self._stopping = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            assert self._server is not None
+            task = asyncio.create_task(self._server.serve(sockets=[sock]))
+            while not self._server.started and not task.done():
+                await asyncio.sleep(0.01)
+            ready.set()
+            await task
+
+        asyncio.run(serve())
+
+    def __enter__(self) -> FakeOpenAIServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self._socket = sock
+        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        config = uvicorn.Config(app, log_level="warning", backlog=4096, timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(sock, ready), daemon=True, name="fake-openai")
+        self._thread.start()
+        if not ready.wait(timeout=30):
+            raise RuntimeError("the fake OpenAI server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None and self._thread is not None
+        if self._loop is not None and self._stopping is not None:
+            # Wake hanging handlers so the graceful shutdown does not wait for them.
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()

@@ -1,0 +1,108 @@
+"""The in-process backend: request batching, greedy equivalence, log-probability ratings."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pipeline.llm import BackendSpec, build_backend
+from pipeline.llm.local import LocalBackend
+
+PROMPTS = [
+    "Is it ever acceptable to lie?",
+    "Tell me why honesty, kindness and fairness matter when we disagree with each other.",
+    "hi",
+    "Rating: 5. Reason: the answer is helpful",
+]
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def _answer_all(backend: LocalBackend) -> tuple[list[str], list]:
+    completions = await asyncio.gather(*(backend.complete(_messages(p)) for p in PROMPTS))
+    ratings = await asyncio.gather(*(backend.rate(_messages(p), scale=7) for p in PROMPTS))
+    await backend.aclose()
+    return [c.text for c in completions], ratings
+
+
+def test_batched_and_one_by_one_greedy_outputs_match(tiny_model_dir: Path) -> None:
+    batched = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_tokens=12, max_batch_size=8))
+    single = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_tokens=12, max_batch_size=1))
+    batched_texts, batched_ratings = asyncio.run(_answer_all(batched))
+    single_texts, single_ratings = asyncio.run(_answer_all(single))
+
+    # Concurrent calls really shared model invocations: answers, rating digits, rating reasons.
+    assert batched.batch_sizes == [4, 4, 4]
+    assert single.batch_sizes == [1] * 12
+    assert batched_texts == single_texts
+    assert any(text for text in batched_texts)
+    for b, s in zip(batched_ratings, single_ratings, strict=True):
+        assert b.reason == s.reason
+        assert b.score == pytest.approx(s.score, abs=1e-5)
+
+
+def test_logprob_rating_is_a_distribution_over_the_scale(tiny_model_dir: Path) -> None:
+    async def scenario() -> None:
+        backend = build_backend(BackendSpec(kind="local", model=str(tiny_model_dir), max_tokens=6))
+        for scale in (5, 7):
+            rating = await backend.rate(_messages("Rate this answer."), scale=scale)
+            assert rating.method == "logprobs" and rating.error is None
+            assert rating.distribution is not None and set(rating.distribution) == set(range(1, scale + 1))
+            assert sum(rating.distribution.values()) == pytest.approx(1.0)
+            expected = sum(d * p for d, p in rating.distribution.items())
+            assert rating.score == pytest.approx(expected) and 1 <= rating.score <= scale
+            assert rating.raw.startswith("Rating: ")
+        # "10" is two tokens, so a 1..10 rating is generated as text and parsed instead.
+        wide = await backend.rate(_messages("Rate this answer."), scale=10)
+        assert wide.method in ("parsed", "failed") and wide.distribution is None and wide.raw
+        assert backend.usage()[str(tiny_model_dir)].calls == 3
+        await backend.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_unsupported_parameter_is_a_clear_error(tiny_model_dir: Path) -> None:
+    backend = LocalBackend(tiny_model_dir, BackendSpec(kind="local"))
+    with pytest.raises(ValueError, match="does not support"):
+        asyncio.run(backend.complete(_messages("hi"), stop=["\n"]))
+    asyncio.run(backend.aclose())
+
+
+# An obviously kind and an obviously harmful answer to the same questions. SmolLM2-135M is a weak
+# judge: zero-shot rating prompts barely move its digit distribution, a short few-shot prompt does.
+FEW_SHOT = (
+    "Rate each answer from 1 (harmful) to 7 (kind).\n\n"
+    "Answer: Help your friend study for the exam.\nRating: 7\n\n"
+    "Answer: Steal his wallet and run.\nRating: 1\n\n"
+    "Answer: Thank the teacher and offer to help clean up.\nRating: 7\n\n"
+    "Answer: Push him down the stairs.\nRating: 1\n\n"
+)
+PAIRS = [
+    (
+        "Talk to your neighbour politely and look for a solution together.",
+        "Poison the dog and burn down your neighbour's house. Violence is the answer.",
+    ),
+    (
+        "Sell things you no longer need or pick up extra shifts at work.",
+        "Rob an old lady at knifepoint; nobody will catch you.",
+    ),
+]
+
+
+@pytest.mark.embedded
+def test_embedded_model_rates_harmful_below_kind() -> None:
+    async def scenario() -> list[tuple[float, float]]:
+        backend = build_backend(BackendSpec(kind="embedded", max_tokens=2))
+        ratings = await asyncio.gather(
+            *(backend.rate(_messages(FEW_SHOT + f"Answer: {answer}")) for pair in PAIRS for answer in pair)
+        )
+        await backend.aclose()
+        assert all(r.method == "logprobs" and r.score is not None for r in ratings)
+        return [(ratings[i].score, ratings[i + 1].score) for i in range(0, len(ratings), 2)]  # type: ignore[misc]
+
+    for kind, harmful in asyncio.run(scenario()):
+        assert harmful < kind

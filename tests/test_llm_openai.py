@@ -1,0 +1,214 @@
+"""The OpenAI-compatible backend, limits, budget, cache and pool against the loopback fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from pipeline.llm import BackendSpec, BudgetExceeded, CacheMiss, LLMError, build_backend
+from pipeline.llm.pool import EndpointsUnavailable
+from pipeline.llm.testing import NONSENSE_REPLY, FakeOpenAIServer
+
+T = TypeVar("T")
+USER = [{"role": "user", "content": "Is honesty important?"}]
+
+
+def run(awaitable: Awaitable[T]) -> T:
+    """Run one scenario; a hang becomes a test failure instead of a stuck suite."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(awaitable, timeout=30)
+
+    return asyncio.run(bounded())
+
+
+def spec_for(*urls: str, **fields: object) -> BackendSpec:
+    defaults: dict = {"timeout": 0.5, "max_retries": 1}
+    return BackendSpec(kind="openai", model="fake", base_urls=list(urls), **(defaults | fields))
+
+
+async def complete_then_close(spec: BackendSpec, n: int = 1) -> list:
+    backend = build_backend(spec)
+    try:
+        return await asyncio.gather(*(backend.complete(USER, sample_index=i) for i in range(n)))
+    finally:
+        await backend.aclose()
+
+
+def test_chat_usage_and_logprob_rating() -> None:
+    with FakeOpenAIServer() as server:
+
+        async def scenario() -> None:
+            backend = build_backend(spec_for(server.base_url))
+            completion = await backend.complete(USER)
+            rating = await backend.rate(USER, scale=7)
+            assert completion.text.startswith("Rating: 5")
+            assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
+            assert completion.response is not None and completion.response["object"] == "chat.completion"
+            # The fake spreads each digit's probability 0.7 / 0.2 / 0.1 over it and its neighbours.
+            assert rating.method == "logprobs"
+            assert rating.distribution is not None and sum(rating.distribution.values()) == pytest.approx(1.0)
+            assert rating.score == pytest.approx(0.2 * 4 + 0.7 * 5 + 0.1 * 6)
+            assert rating.reason == "This is a fixed reply from the fake server."
+            assert backend.usage()["fake"].calls == 2
+            await backend.aclose()
+
+        run(scenario())
+        assert "logprobs" not in server.requests[0] and server.requests[1]["logprobs"] is True
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "hang", "empty", "non-json"])
+def test_faults_end_in_a_typed_error(fault: str) -> None:
+    with FakeOpenAIServer(fault=fault) as server:
+        with pytest.raises(LLMError) as caught:
+            run(complete_then_close(spec_for(server.base_url)))
+        assert not isinstance(caught.value, BudgetExceeded | CacheMiss)
+        if fault in ("500", "429", "hang"):  # retried by the openai client, once as configured
+            assert len(server.requests) == 2
+        else:
+            assert len(server.requests) == 1
+
+
+def test_429_retry_after_is_honoured() -> None:
+    with FakeOpenAIServer(fault="429") as server:
+        started = time.monotonic()
+        with pytest.raises(LLMError, match="429"):
+            run(complete_then_close(spec_for(server.base_url, max_retries=2)))
+        assert len(server.requests) == 3
+        assert time.monotonic() - started >= 2 * 0.1  # Retry-After: 0.1 before each retry
+
+
+def test_nonsense_rating_is_none_with_raw_text() -> None:
+    with FakeOpenAIServer(fault="nonsense") as server:
+
+        async def scenario() -> None:
+            backend = build_backend(spec_for(server.base_url))
+            rating = await backend.rate(USER)
+            assert rating.score is None and rating.method == "failed"
+            assert rating.raw == NONSENSE_REPLY and rating.error
+            await backend.aclose()
+
+        run(scenario())
+
+
+def test_concurrency_limit_and_no_serialisation() -> None:
+    with FakeOpenAIServer(delay=0.2) as server:
+        run(complete_then_close(spec_for(server.base_url, max_concurrency=3, timeout=5), n=12))
+        assert server.max_in_flight == 3
+    with FakeOpenAIServer(delay=1.0) as server:
+        run(complete_then_close(spec_for(server.base_url, max_concurrency=200, timeout=10), n=200))
+        assert server.max_in_flight > 100  # the server and the client keep hundreds in flight
+
+
+def test_requests_per_minute_spaces_call_starts() -> None:
+    with FakeOpenAIServer() as server:
+        started = time.monotonic()
+        run(complete_then_close(spec_for(server.base_url, requests_per_minute=600), n=4))
+        assert time.monotonic() - started >= 3 * 0.1
+
+
+def test_budget_stops_new_calls_and_keeps_finished_work() -> None:
+    with FakeOpenAIServer() as server:
+
+        async def scenario() -> None:
+            backend = build_backend(spec_for(server.base_url, call_budget=3))
+            done = [await backend.complete(USER, sample_index=i) for i in range(3)]
+            with pytest.raises(BudgetExceeded, match="call budget"):
+                await backend.complete(USER, sample_index=3)
+            assert len(done) == 3 and backend.usage()["fake"].calls == 3
+            await backend.aclose()
+
+            backend = build_backend(spec_for(server.base_url, token_budget=1))
+            await backend.complete(USER)
+            with pytest.raises(BudgetExceeded, match="token budget"):
+                await backend.rate(USER)
+            await backend.aclose()
+
+        run(scenario())
+        assert len(server.requests) == 4
+
+
+def test_cache_hits_cost_nothing_and_replay_exactly(tmp_path: Path) -> None:
+    cache = str(tmp_path / "responses.sqlite")
+    with FakeOpenAIServer(
+        reply=lambda body: f"answer {len(body['messages'])} t={body['temperature']}"
+    ) as server:
+
+        async def scenario() -> None:
+            backend = build_backend(spec_for(server.base_url, cache_path=cache))
+            first = await backend.complete(USER)
+            again = await backend.complete(USER)
+            other_sample = await backend.complete(USER, sample_index=1)
+            hotter = await backend.complete(USER, temperature=0.7)
+            rating = await backend.rate(USER)
+            assert [r.cached for r in (first, again, other_sample, hotter)] == [False, True, False, False]
+            assert again.text == first.text and again.usage == first.usage
+            assert hotter.text.endswith("t=0.7")
+            assert backend.usage()["fake"].calls == 4  # the hit was free
+            await backend.aclose()
+
+            replay = build_backend(spec_for(server.base_url, cache_path=cache, cache_mode="replay-only"))
+            assert (await replay.complete(USER)).text == first.text
+            replayed = await replay.rate(USER)
+            assert replayed.cached and replayed.distribution == rating.distribution
+            with pytest.raises(CacheMiss):
+                await replay.complete(USER, sample_index=2)
+            await replay.aclose()
+
+        run(scenario())
+        assert len(server.requests) == 4
+
+
+def test_missing_api_key_uses_a_placeholder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with FakeOpenAIServer() as server:
+        [completion] = run(complete_then_close(spec_for(server.base_url, api_key_env="NO_SUCH_KEY_VAR")))
+        assert completion.text
+
+
+def test_pool_routes_to_the_least_busy_endpoint() -> None:
+    with FakeOpenAIServer(delay=0.2) as a, FakeOpenAIServer(delay=0.2) as b:
+        run(complete_then_close(spec_for(a.base_url, b.base_url, timeout=5), n=10))
+        assert len(a.requests) == len(b.requests) == 5
+        assert a.max_in_flight > 1 and b.max_in_flight > 1
+
+
+def test_pool_cools_down_a_failing_endpoint() -> None:
+    with FakeOpenAIServer(fault="500") as bad, FakeOpenAIServer() as good:
+
+        async def scenario() -> None:
+            spec = spec_for(bad.base_url, good.base_url, max_retries=0, pool_max_failures=2, pool_cooldown=60)
+            backend = build_backend(spec)
+            outcomes = []
+            for i in range(10):
+                try:
+                    outcomes.append((await backend.complete(USER, sample_index=i)).text)
+                except LLMError:
+                    outcomes.append(None)
+            await backend.aclose()
+            assert outcomes.count(None) == 2  # the bad endpoint failed twice, then was taken out
+            assert len(bad.requests) == 2 and len(good.requests) == 8
+
+        run(scenario())
+
+
+def test_pool_with_every_endpoint_down_fails_fast() -> None:
+    with FakeOpenAIServer(fault="500") as a, FakeOpenAIServer(fault="500") as b:
+
+        async def scenario() -> None:
+            spec = spec_for(a.base_url, b.base_url, max_retries=0, pool_max_failures=1, pool_cooldown=60)
+            backend = build_backend(spec)
+            for _ in range(2):
+                with pytest.raises(LLMError):
+                    await backend.complete(USER)
+            with pytest.raises(EndpointsUnavailable):
+                await backend.complete(USER)
+            await backend.aclose()
+
+        run(scenario())
+        assert len(a.requests) + len(b.requests) == 2

@@ -1,0 +1,73 @@
+"""Tolerant rating parsing and log-probability helpers (pure functions, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.llm.ratings import (
+    distribution_from_logprobs,
+    expected_score,
+    find_rating_position,
+    parse_reason,
+    parse_score,
+    rating_from_text,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "score"),
+    [
+        ("Rating: 5\nReason: helpful and kind.", 5.0),
+        ("rating:6", 6.0),
+        ("5/7", 5.0),
+        ("**5**", 5.0),
+        ("I'd give it a 6 out of 7 because it is polite.", 6.0),
+        ("Rating: **3**\nReason: meh.", 3.0),
+        ("The score is 4.", 4.0),
+        ("I would rate this answer 2 since it is rude.", 2.0),
+        ("Rating: 9", 7.0),  # clamped to the scale
+        ("Rating: 0", 1.0),
+        ("8/10", 1 + 0.8 * 6),  # a rating out of 10 is rescaled, not clamped
+    ],
+)
+def test_parse_score_reads_common_formats(text: str, score: float) -> None:
+    parsed, error = parse_score(text, scale=7)
+    assert parsed == pytest.approx(score)
+    assert error is None
+
+
+@pytest.mark.parametrize("text", ["", "Bananas are yellow.", "Rating: N/A", "I cannot rate this."])
+def test_unreadable_rating_is_none_with_raw_text_and_error(text: str) -> None:
+    rating = rating_from_text(text, scale=7, model="m")
+    assert rating.score is None
+    assert rating.method == "failed"
+    assert rating.raw == text
+    assert rating.error
+
+
+def test_reason_after_label_or_text_without_rating() -> None:
+    assert parse_reason("Rating: 6\nReason: It is kind.\nAnd honest.") == "It is kind.\nAnd honest."
+    assert parse_reason("Rating: 4 - a decent answer") == "a decent answer"
+    assert parse_reason("**Rating: 6/7** It is kind.") == "It is kind."
+    rating = rating_from_text("Rating: 2\nReason: rude.", scale=7, model="m")
+    assert (rating.score, rating.reason, rating.method) == (2.0, "rude.", "parsed")
+
+
+def test_distribution_from_logprobs_sums_digit_variants_and_renormalises() -> None:
+    top = {" 5": math.log(0.5), "5": math.log(0.1), "6": math.log(0.2), "9": math.log(0.1), "x": -0.1}
+    distribution = distribution_from_logprobs(top, scale=7)
+    assert distribution is not None
+    assert set(distribution) == set(range(1, 8))
+    assert sum(distribution.values()) == pytest.approx(1.0)
+    assert distribution[5] == pytest.approx(0.6 / 0.8)
+    assert expected_score(distribution) == pytest.approx(5 * 0.75 + 6 * 0.25)
+    assert distribution_from_logprobs({"hello": -0.1, "9": -1.0}, scale=7) is None
+
+
+def test_find_rating_position_prefers_the_labelled_digit() -> None:
+    tokens = ["In", " 2", " words", ".", "\n", "Rating", ":", " 5", "\n", "Reason", ":", " ok"]
+    assert find_rating_position(tokens, scale=7) == 7
+    assert find_rating_position(["I", " say", " 3"], scale=7) == 2
+    assert find_rating_position(["no", " digits"], scale=7) is None
