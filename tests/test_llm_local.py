@@ -106,3 +106,17 @@ def test_embedded_model_rates_harmful_below_kind() -> None:
 
     for kind, harmful in asyncio.run(scenario()):
         assert harmful < kind
+
+
+def test_retrained_folder_gets_a_new_cache_identity(tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    from pipeline.llm.local import weights_fingerprint
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = weights_fingerprint(folder)
+    assert before and weights_fingerprint(folder) == before
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # stands for new weights saved in place
+    assert weights_fingerprint(folder) != before
+    assert weights_fingerprint("org/hub-name") == ""

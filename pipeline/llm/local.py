@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import queue
 import threading
@@ -55,6 +56,22 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
         future.set_result(result)
 
 
+def weights_fingerprint(model_path: str | Path) -> str:
+    """A short hash of a model folder's config and weight files (names, sizes, times).
+
+    Part of the cache identity, so a model retrained into the same folder is never answered
+    from the cache of its previous weights. A Hub name (not a folder) has no fingerprint.
+    """
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return ""
+    files = sorted(
+        p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
+    )
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+
+
 class LocalBackend(ChatBackend):
     """A Hugging Face causal LM folder (or Hub name) run in-process with request batching.
 
@@ -78,7 +95,7 @@ class LocalBackend(ChatBackend):
             raise ValueError(f"max_batch_size must be at least 1, got {spec.max_batch_size}")
         self.spec = spec
         self.model_name = model_name or str(model_path)
-        self.identity = identity or f"local:{self.model_name}"
+        self.identity = identity or f"local:{self.model_name}@{weights_fingerprint(model_path)}"
         self.batch_sizes: list[int] = []
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
