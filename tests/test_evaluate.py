@@ -70,7 +70,10 @@ def test_overlap_with_simulation_pool_warns(pool: Path, tmp_path: Path, capsys) 
 def test_openai_endpoint_model_reference() -> None:
     spec = evaluate.backend_spec("my-model@http://127.0.0.1:8000/v1", max_tokens=5)
     assert (spec.kind, spec.model, spec.base_urls, spec.max_tokens) == (
-        "openai", "my-model", ["http://127.0.0.1:8000/v1"], 5
+        "openai",
+        "my-model",
+        ["http://127.0.0.1:8000/v1"],
+        5,
     )
     assert evaluate.backend_spec("embedded").kind == "embedded"
     assert evaluate.backend_spec("org/some-hub-model").kind == "local"

@@ -1,0 +1,164 @@
+"""Arrow shards of interaction records, written so that a crash never loses or duplicates one.
+
+Layout of one world's folder (``<output>/world-<world_id>/``)::
+
+    manifest.jsonl                   one line per completed shard: round, agents, rows
+    round-00003-part-0000.arrow      records, written with ``datasets``' ArrowWriter
+    .round-00003-part-0001.arrow.tmp a shard being written (never read)
+
+A shard is written under a temporary name, flushed to disk and renamed; only then is its manifest
+line appended. The manifest lists the completed interactions; a restart removes temporary files,
+adopts a renamed shard whose manifest line was lost to the crash, drops a torn last manifest line,
+and carries on. ``datasets.load_dataset("arrow", data_files="<output>/world-*/*.arrow")`` reads
+the finished shards of any number of worlds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from datasets import Dataset
+from datasets.arrow_writer import ArrowWriter
+
+from pipeline.records import RECORD_FEATURES
+
+MANIFEST = "manifest.jsonl"
+_SHARD = re.compile(r"round-(\d{5})-part-(\d{4})\.arrow")
+
+
+def world_folder(output: Path, world_id: str) -> Path:
+    return output / f"world-{world_id}"
+
+
+def shard_name(round_: int, part: int) -> str:
+    return f"round-{round_:05d}-part-{part:04d}.arrow"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write ``records`` to ``path`` atomically: a temporary file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as file:
+        writer = ArrowWriter(features=RECORD_FEATURES, stream=pa.PythonFile(file, mode="w"))
+        for record in records:
+            writer.write(record)
+        writer.finalize(close_stream=False)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_shard(path: Path) -> list[dict[str, Any]]:
+    return Dataset.from_file(str(path)).to_list()
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One manifest line: a completed shard and the agents whose interactions it holds."""
+
+    shard: str
+    round: int
+    agents: tuple[int, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"shard": self.shard, "round": self.round, "agents": list(self.agents)})
+
+
+class WorldStore:
+    """The records of one world: completed shards, what they cover, and new shards."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.entries: list[ShardEntry] = []
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / MANIFEST
+
+    def open(self) -> None:
+        """Create the folder or recover it after a crash (see the module docstring)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink()
+        self.entries = self._read_manifest()
+        listed = {entry.shard for entry in self.entries}
+        orphans = sorted(
+            p
+            for p in self.folder.glob("round-*-part-*.arrow")
+            if p.name not in listed and _SHARD.fullmatch(p.name)
+        )
+        for path in orphans:
+            rows = read_shard(path)
+            self.entries.append(
+                ShardEntry(path.name, int(_SHARD.fullmatch(path.name)[1]), tuple(r["agent_id"] for r in rows))
+            )
+        # Rewrite the manifest whole: drops a torn last line and records adopted shards.
+        tmp = self.manifest.with_name(f".{MANIFEST}.tmp")
+        tmp.write_text("".join(entry.to_json() + "\n" for entry in self.entries))
+        os.replace(tmp, self.manifest)
+        _fsync_dir(self.folder)
+
+    def load(self) -> WorldStore:
+        """Read the manifest without recovering anything (for reports on a finished run)."""
+        self.entries = self._read_manifest()
+        return self
+
+    def _read_manifest(self) -> list[ShardEntry]:
+        if not self.manifest.is_file():
+            return []
+        entries = []
+        for line in self.manifest.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the line being appended when the process died; its shard is adopted
+            if (self.folder / row["shard"]).is_file():
+                entries.append(ShardEntry(row["shard"], row["round"], tuple(row["agents"])))
+        return entries
+
+    def completed(self, round_: int) -> set[int]:
+        """Agents whose interaction in ``round_`` is stored."""
+        return {a for entry in self.entries if entry.round == round_ for a in entry.agents}
+
+    def append(self, round_: int, records: Sequence[dict[str, Any]]) -> None:
+        """Store the finished interactions ``records`` of ``round_`` as a new shard."""
+        if not records:
+            return
+        part = sum(1 for entry in self.entries if entry.round == round_)
+        while (self.folder / shard_name(round_, part)).exists():
+            part += 1
+        name = shard_name(round_, part)
+        records = sorted(records, key=lambda r: r["agent_id"])
+        write_shard(self.folder / name, records)
+        entry = ShardEntry(name, round_, tuple(r["agent_id"] for r in records))
+        with open(self.manifest, "a") as file:
+            file.write(entry.to_json() + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self.entries.append(entry)
+
+    def records(self, rounds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Stored records (of ``rounds``, or all), sorted by round then agent."""
+        wanted = None if rounds is None else set(rounds)
+        rows = [
+            row
+            for entry in self.entries
+            if wanted is None or entry.round in wanted
+            for row in read_shard(self.folder / entry.shard)
+        ]
+        return sorted(rows, key=lambda r: (r["round"], r["agent_id"]))

@@ -1,0 +1,369 @@
+"""The sandbox's parts: world, BM25 memory, prompts, Arrow shards, and the back-scatter protocol.
+
+The protocol tests drive the simulation with a scripted ``ChatBackend`` that records when each
+call starts and ends: the point is the order and overlap of the calls, which a real server would
+only blur. Real-HTTP runs of the whole command are in ``test_sim_run.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Dataset, DatasetDict, load_dataset
+from rank_bm25 import BM25Okapi
+
+from pipeline import prompts
+from pipeline.llm.base import BudgetExceeded, ChatBackend, Completion, LLMError, Rating, Usage
+from pipeline.memory import AgentMemory, MemoryEntry, tokenize
+from pipeline.questions import InputError, load_prior, load_questions
+from pipeline.records import RECORD_FEATURES
+from pipeline.shards import MANIFEST, WorldStore
+from pipeline.simulate import Simulation, SimulationConfig, config_from_dict, validate
+from pipeline.world import World
+
+REPO = Path(__file__).resolve().parents[1]
+
+# -- world ------------------------------------------------------------------------------------
+
+
+def test_grid_neighbourhoods_and_stances():
+    world = World("w", 3, "half_half", 0, radius=1)
+    assert world.position(5) == (1, 2)
+    assert world.neighbourhoods[0] == (1, 3)
+    assert world.neighbourhoods[4] == (1, 3, 5, 7)
+    assert world.min_neighbourhood == 2
+    assert world.labels == ("good",) * 5 + ("bad",) * 4
+    big = World("w", 10, "all_good", 0, radius=5)
+    assert 34 in big.neighbourhoods[0]  # (3, 4): distance exactly 5
+    assert 35 not in big.neighbourhoods[0]
+
+    mixed = [World(f"w{s}", 4, "mixed_half_half", s, radius=2).labels for s in range(3)]
+    assert all(labels.count("good") == 8 for labels in mixed)
+    assert len(set(mixed)) == 3  # the seed decides who is good
+    assert World("w1", 4, "mixed_half_half", 1, radius=2).labels == mixed[1]
+
+
+def test_partners_are_deterministic_and_respect_global_dropout():
+    world = World("w", 5, "all_good", 7, radius=2)
+    draws = {tuple(world.partners(12, 3, 4)) for _ in range(3)}
+    assert len(draws) == 1 and set(next(iter(draws))) <= set(world.neighbourhoods[12])
+    assert len({tuple(world.partners(12, r, 4)) for r in range(5)}) > 1  # each round draws anew
+    far = World("w", 5, "all_good", 7, radius=1, global_interaction=True, dropout=1.0)
+    for agent in range(25):
+        chosen = far.partners(agent, 0, 2)
+        assert (
+            len(set(chosen)) == 2 and not set(chosen) & set(far.neighbourhoods[agent]) and agent not in chosen
+        )
+    with pytest.raises(ValueError, match="unknown stance"):
+        World("w", 3, "sometimes_good", 0, radius=1)
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def test_bm25_tiny_memories_rank_sensibly():
+    assert AgentMemory().retrieve("anything", 3) == []
+    assert AgentMemory([MemoryEntry("q", "a")]).retrieve("q", 0) == []
+
+    lie = MemoryEntry("Is it okay to lie to a friend?", "No.")
+    dog = MemoryEntry("My neighbour's dog barks all night.", "Talk to them.")
+    query = "Should I lie to my boss?"
+    # Okapi's idf is log(1.5 / 1.5) = 0 for a word in one of two documents: it cannot tell them apart.
+    okapi = BM25Okapi([tokenize(lie.question), tokenize(dog.question)]).get_scores(tokenize(query))
+    assert okapi[0] == okapi[1]
+    assert AgentMemory([dog, lie]).retrieve(query, 1) == [lie]
+    assert AgentMemory([lie, dog]).retrieve(query, 1) == [lie]
+
+    # When every word is in two of three documents, all Okapi idfs are negative: the unrelated one wins.
+    docs = [
+        MemoryEntry("Lie to a friend?", "a"),
+        MemoryEntry("Lie to the boss?", "b"),
+        MemoryEntry("Friend or boss?", "c"),
+    ]
+    okapi = BM25Okapi([tokenize(d.question) for d in docs]).get_scores(tokenize("lie"))
+    assert okapi[2] > max(okapi[:2])
+    assert set(AgentMemory(docs).retrieve("lie", 2)) == set(docs[:2])
+
+    # No word in common (or only stop words): the most recent pairs, so a stance is still recalled.
+    assert AgentMemory([lie, dog, *docs]).retrieve("What about taxes?", 2) == [docs[2], docs[1]]
+    assert AgentMemory([MemoryEntry("Is it?", "x"), lie]).retrieve("is it", 1) == [lie]
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def test_revision_prompt_mean_and_order():
+    conversation = prompts.draft_messages("Q?", [MemoryEntry("Old?", "Old answer.")])
+    assert "Old answer." in conversation[-1]["content"]
+    assert "earlier" not in prompts.draft_messages("Q?", [])[-1]["content"]
+    messages = prompts.revision_messages(
+        conversation, "my draft", [(6.0, "kind"), (None, "???"), (2.0, "rude"), (4.0, "ok")]
+    )
+    text = messages[-1]["content"]
+    assert messages[-2] == {"role": "assistant", "content": "my draft"}
+    assert "4.0 out of 7" in text  # (6 + 2 + 4) / 3: the unreadable rating is left out
+    assert text.index("???") < text.index("kind") < text.index("ok") < text.index("rude")
+    none = prompts.revision_messages(conversation, "d", [(None, "x"), (None, "")])[-1]["content"]
+    assert "None of the other members gave a readable rating" in none and "(no reason given)" in none
+
+
+def test_question_pools_and_prior(tmp_path: Path):
+    questions = load_questions()
+    assert len(questions) >= 150 and len(set(questions)) == len(questions)
+    prior = load_prior()
+    assert len(prior["good"]) >= 20 and len(prior["bad"]) >= 20
+
+    (tmp_path / "pool.jsonl").write_text('{"prompt": " Why? "}\n{"prompt": ""}\n{"prompt": "How?"}\n')
+    (tmp_path / "pool.csv").write_text("id,text\n1,Why?\n2,How?\n")
+    assert load_questions(str(tmp_path / "pool.jsonl"), column="prompt") == ["Why?", "How?"]
+    assert load_questions(str(tmp_path / "pool.csv"), column="text") == ["Why?", "How?"]
+    DatasetDict({"test": Dataset.from_dict({"question": ["Who?"]})}).save_to_disk(tmp_path / "saved")
+    assert load_questions(str(tmp_path / "saved"), split="test") == ["Who?"]
+    with pytest.raises(InputError, match="has no column 'question'"):
+        load_questions(str(tmp_path / "pool.csv"))
+    (tmp_path / "prior.jsonl").write_text('{"question": "q", "answer": "a", "label": "meh"}\n')
+    with pytest.raises(InputError, match="line 1 needs question, answer and label"):
+        load_prior(tmp_path / "prior.jsonl")
+
+
+@pytest.mark.parametrize("name", ["simulate_demo.yaml", "simulate_paper.yaml"])
+def test_recipe_configs_are_valid(name: str):
+    config = config_from_dict(yaml.safe_load((REPO / "recipes" / "configs" / name).read_text()))
+    validate(config)
+    assert config.worlds
+
+
+# -- shards -----------------------------------------------------------------------------------
+
+
+def _record(agent: int, round_: int = 0) -> dict:
+    scores = {
+        "alignment_before": None,
+        "alignment_after": 5.5,
+        "engagement_before": 3.0,
+        "engagement_after": None,
+    }
+    return {
+        "run_id": "r",
+        "world_id": "w",
+        "round": round_,
+        "agent_id": agent,
+        "stance": "good",
+        "question": f"q{agent}",
+        "draft": "d",
+        "feedback": [{"agent_id": 1, "rating": None, "reason": "x", "raw": "?"}],
+        "revision": None if agent == 2 else "r",
+        "scores": scores,
+        "observer_reasons": dict.fromkeys(scores, "because"),
+        "status": "ok",
+        "error": None,
+        "agent_model": "m",
+        "observer_model": "o",
+        "prompt_version": prompts.PROMPT_VERSION,
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "calls": 3,
+    }
+
+
+def test_shards_round_trip_and_crash_recovery(tmp_path: Path):
+    store = WorldStore(tmp_path / "world-w")
+    store.open()
+    store.append(0, [_record(2), _record(0)])
+    store.append(0, [_record(1)])
+    store.append(1, [_record(0, 1)])
+    dataset = load_dataset("arrow", data_files=str(tmp_path / "world-*/*.arrow"), split="train")
+    assert dataset.features == RECORD_FEATURES
+    assert sorted(dataset.to_list(), key=lambda r: (r["round"], r["agent_id"])) == [
+        _record(0),
+        _record(1),
+        _record(2),
+        _record(0, 1),
+    ]
+    assert dataset[0]["scores"]["alignment_before"] is None and dataset[0]["feedback"][0]["rating"] is None
+
+    # A crash after a shard's rename but before its manifest line, a torn line, a temporary file.
+    lines = store.manifest.read_text().splitlines()
+    store.manifest.write_text("\n".join(lines[:2]) + '\n{"shard": "round-000')
+    (store.folder / ".round-00001-part-0001.arrow.tmp").write_bytes(b"partial")
+    reopened = WorldStore(store.folder)
+    reopened.open()
+    assert reopened.completed(0) == {0, 1, 2} and reopened.completed(1) == {0}
+    assert len(reopened.records()) == 4
+    assert not list(store.folder.glob(".*.tmp"))
+    assert len((store.folder / MANIFEST).read_text().splitlines()) == 3
+
+
+# -- the protocol, with a recording backend ----------------------------------------------------
+
+
+class RecordingBackend(ChatBackend):
+    """Answers after ``delay`` with text derived from the prompt; logs every call as a ``Call``."""
+
+    model_name = "recording"
+
+    def __init__(self, delay: float = 0.05, jitter: float = 0.0, fail: str | None = None, seed: int = 0):
+        self.delay, self.jitter, self.fail = delay, jitter, fail
+        self.random = random.Random(seed)
+        self.calls: list[Call] = []
+        self.budget: int | None = None
+
+    @staticmethod
+    def kind(messages: list) -> str:
+        if messages[0]["content"].startswith("You are an impartial observer"):
+            return "observer"
+        if "Another member was asked" in messages[-1]["content"]:
+            return "neighbour"
+        return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
+
+    async def _call(self, messages: list, sample_index: int) -> Call:
+        call = Call(self.kind(messages), time.monotonic(), 0.0, messages[-1]["content"], "")
+        if self.budget is not None:
+            self.budget -= 1
+            if self.budget < 0:
+                raise BudgetExceeded("call budget spent")
+        await asyncio.sleep(self.delay + self.random.random() * self.jitter)
+        call.end = time.monotonic()
+        digest = hashlib.sha256(repr(messages).encode()).hexdigest()
+        call.output = f"{call.kind} {sample_index} {digest[:8]}"
+        self.calls.append(call)
+        if call.kind == "neighbour" and self.fail and f"asked: {self.fail}\n" in call.prompt:
+            raise LLMError("server said no")
+        return call
+
+    async def complete(self, messages, *, sample_index=0, **params):
+        call = await self._call(messages, sample_index)
+        return Completion(call.output, self.model_name, Usage(7, 3, 1))
+
+    async def rate(self, messages, *, scale=7, sample_index=0, **params):
+        call = await self._call(messages, sample_index)
+        score = int(call.output.split()[-1], 16) % 8  # 0: an unreadable answer
+        return Rating(
+            float(score) if score else None,
+            f"reason {call.output}",
+            f"Rating: {score}",
+            "parsed",
+            self.model_name,
+            usage=Usage(5, 2, 1),
+        )
+
+
+@dataclass
+class Call:
+    kind: str
+    start: float
+    end: float
+    prompt: str  # the last message
+    output: str
+
+
+def _simulation(tmp_path: Path, backend: ChatBackend, **overrides) -> tuple[Simulation, SimulationConfig]:
+    fields = {
+        "output": str(tmp_path),
+        "size": 3,
+        "rounds": 1,
+        "k": 2,
+        "radius": 1,
+        "flush_every": 4,
+        **overrides,
+    }
+    config = SimulationConfig(**fields)
+    validate(config)
+    return Simulation(config, load_questions(), load_prior(), "run", backend, backend, progress=False), config
+
+
+def _stored(tmp_path: Path) -> list[dict]:
+    rows = []
+    for folder in sorted(tmp_path.glob("world-*")):
+        rows += WorldStore(folder).load().records()
+    return rows
+
+
+def test_back_scatter_order_and_concurrency(tmp_path: Path):
+    backend = RecordingBackend(delay=0.05)
+    simulation, config = _simulation(tmp_path, backend)
+    asyncio.run(simulation.run(config.worlds))
+
+    records = _stored(tmp_path)
+    assert [r["agent_id"] for r in records] == list(range(9))
+    drafts = [c for c in backend.calls if c.kind == "draft"]
+    # All the agents of the round run at once.
+    assert len(drafts) == 9 and max(c.start for c in drafts) < min(c.end for c in drafts)
+    world = config.worlds[0]
+    for record in records:
+        (draft,) = [c for c in drafts if c.output == record["draft"]]
+        middle = [
+            c for c in backend.calls if c.kind in ("observer", "neighbour") and record["draft"] in c.prompt
+        ]
+        (revision,) = [c for c in backend.calls if c.output == record["revision"]]
+        after = [c for c in backend.calls if c.kind == "observer" and record["revision"] in c.prompt]
+        assert sorted(c.kind for c in middle) == ["neighbour"] * config.k + ["observer"] * 2
+        assert len(after) == 2 and revision.kind == "revision"
+        assert draft.end <= min(c.start for c in middle)
+        assert max(c.start for c in middle) < min(c.end for c in middle)  # the 2 + k ratings overlap
+        assert max(c.end for c in middle) <= revision.start and revision.end <= min(c.start for c in after)
+        assert [f["agent_id"] for f in record["feedback"]] == world.partners(record["agent_id"], 0, config.k)
+        assert record["calls"] == 4 + 2 + config.k and record["prompt_tokens"] == 2 * 7 + 4 * 5 + config.k * 5
+        readable = [f["rating"] for f in record["feedback"] if f["rating"] is not None]
+        if readable:
+            assert f"{sum(readable) / len(readable):.1f} out of 7" in revision.prompt
+        else:
+            assert "None of the other members gave a readable rating" in revision.prompt
+    # Observers see only the question and the answer: no memories. Neighbours and drafts do.
+    assert all("earlier" not in c.prompt for c in backend.calls if c.kind == "observer")
+    assert all("earlier" in c.prompt for c in backend.calls if c.kind in ("neighbour", "draft"))
+
+
+def test_results_do_not_depend_on_scheduling(tmp_path: Path):
+    runs = []
+    for seed in (1, 2):
+        backend = RecordingBackend(delay=0.0, jitter=0.02, seed=seed)
+        simulation, config = _simulation(tmp_path / str(seed), backend, rounds=3, stances=["mixed_half_half"])
+        asyncio.run(simulation.run(config.worlds))
+        runs.append(_stored(tmp_path / str(seed)))
+    assert len(runs[0]) == 27 and runs[0] == runs[1]
+    # A round-1 draft recalls round-0 answers: memories grow at round ends.
+    revisions = {r["revision"] for r in runs[0] if r["round"] == 0}
+    later = [c for c in backend.calls if c.kind == "draft" and any(rev in c.prompt for rev in revisions)]
+    assert later
+
+
+def test_failed_interactions_are_recorded_and_the_round_goes_on(tmp_path: Path):
+    probe, config = _simulation(tmp_path / "probe", RecordingBackend(delay=0))
+    failing = probe.questions[config.worlds[0].question_index(0, 4, len(probe.questions))]
+    simulation, config = _simulation(tmp_path / "run", RecordingBackend(delay=0.0, fail=failing), rounds=2)
+    asyncio.run(simulation.run(config.worlds))
+    records = _stored(tmp_path / "run")
+    assert len(records) == 18
+    failed = [r for r in records if r["status"] == "failed"]
+    assert failed and all(r["question"] == failing for r in failed)
+    first = next(r for r in failed if r["round"] == 0 and r["agent_id"] == 4)
+    assert first["error"] == "LLMError: server said no"
+    assert first["draft"] and first["revision"] is None and first["scores"]["alignment_after"] is None
+    assert first["observer_reasons"]["alignment_before"]  # the observers' part did finish
+    assert all(r["error"] is None and r["revision"] for r in records if r["status"] == "ok")
+
+
+def test_budget_stop_keeps_finished_work_and_resume_completes_it(tmp_path: Path):
+    reference, config = _simulation(tmp_path / "ref", RecordingBackend(delay=0.0), rounds=3)
+    asyncio.run(reference.run(config.worlds))
+
+    backend = RecordingBackend(delay=0.0, jitter=0.01)
+    backend.budget = 8 * 9 + 30  # round 0 completes, round 1 runs out part way
+    simulation, config = _simulation(tmp_path / "run", backend, rounds=3)
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(simulation.run(config.worlds))
+    records = _stored(tmp_path / "run")
+    assert [r["round"] for r in records].count(0) == 9 and len(records) < 18
+
+    resumed, config = _simulation(tmp_path / "run", RecordingBackend(delay=0.0), rounds=3)
+    asyncio.run(resumed.run(config.worlds))
+    assert _stored(tmp_path / "run") == _stored(tmp_path / "ref")
+    assert len(resumed.agent.calls) == 8 * (27 - len(records))  # nothing done twice

@@ -1,0 +1,257 @@
+"""``sandbox simulate`` end to end: real HTTP (a loopback OpenAI-compatible server), real Arrow
+files, real processes killed with SIGKILL, and one run of the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import load_dataset
+
+from pipeline.llm.testing import FakeOpenAIServer
+from pipeline.records import RECORD_FEATURES
+from pipeline.simulate import main
+
+SECRET = "sk-test-do-not-store-0123456789"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reply(body: dict) -> str:
+    """A pure function of the prompt, so every run against the server is exactly repeatable."""
+    digest = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest(), 16)
+    if "Rating: <" in body["messages"][-1]["content"]:
+        return f"Rating: {digest % 7 + 1}\nReason: reason {digest % 997}."
+    return f"Answer {digest % 100003}: be kind and honest."
+
+
+def write_config(path: Path, url: str, **fields) -> Path:
+    config = {
+        "size": 3,
+        "rounds": 2,
+        "stances": ["all_good", "half_half"],
+        "k": 2,
+        "flush_every": 3,
+        "agent": {
+            "kind": "openai",
+            "model": "fake",
+            "base_urls": [url],
+            "max_retries": 0,
+            "max_concurrency": 64,
+        },
+        **fields,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def records(output: Path) -> list[dict]:
+    files = sorted(str(p) for p in output.glob("world-*/*.arrow"))
+    dataset = load_dataset("arrow", data_files=files, split="train")
+    assert dataset.features == RECORD_FEATURES
+    return sorted(dataset.to_list(), key=lambda r: (r["world_id"], r["round"], r["agent_id"]))
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer(delay=0.005, reply=reply) as srv:
+        yield srv
+
+
+def test_cli_run_rerun_replay_and_shards(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    config = write_config(tmp_path / "sim.yaml", server.base_url)
+    out = tmp_path / "run"
+    assert main(["--config", str(config), "--output", str(out), "--no-progress"]) == 0
+    first = records(out)
+    assert len(first) == 2 * 2 * 9 and all(r["status"] == "ok" for r in first)
+    assert {r["stance"] for r in first if r["world_id"] == "half_half-seed0"} == {"good", "bad"}
+    assert all(len(r["feedback"]) == 2 and r["calls"] == 8 and r["prompt_tokens"] > 0 for r in first)
+    assert all(1 <= r["scores"]["alignment_before"] <= 7 for r in first)
+    table = capsys.readouterr().out
+    assert "align before" in table and "half_half-seed0" in table
+    assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (
+        saved["run_id"] == first[0]["run_id"] and saved["config"]["agent"]["api_key_env"] == "OPENAI_API_KEY"
+    )
+    assert not [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+    # Rerunning a finished run does nothing; more rounds extend it.
+    calls = len(server.requests)
+    assert main(["--config", str(config), "--output", str(out), "--no-progress"]) == 0
+    assert len(server.requests) == calls and records(out) == first
+    assert main(["--config", str(config), "--output", str(out), "--rounds", "3", "--no-progress"]) == 0
+    extended = records(out)
+    assert len(extended) == 3 * 2 * 9 and [r for r in extended if r["round"] < 2] == first
+    assert len(server.requests) == calls + 2 * 9 * 8
+
+    # The cache replays the run exactly, without a single request.
+    replay = tmp_path / "replay"
+    cache = ["--cache-mode", "replay-only", "--cache-path", str(out / "llm-cache.sqlite")]
+    assert main(["--config", str(config), "--output", str(replay), "--no-progress", *cache]) == 0
+    assert len(server.requests) == calls + 2 * 9 * 8 and records(replay) == first
+
+    # Two processes (here one after the other) each take half of the worlds: together, one dataset.
+    split = tmp_path / "split"
+    for shard in ("0/2", "1/2"):
+        argv = ["--config", str(config), "--output", str(split), "--shard", shard, "--no-progress"]
+        assert main([*argv, "--cache-path", str(out / "llm-cache.sqlite")]) == 0
+    assert len(server.requests) == calls + 2 * 9 * 8 and records(split) == first
+    assert (split / "rounds-shard1of2.png").is_file()
+
+
+def _start(config: Path, output: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipeline.cli", "simulate", "--config", str(config), "-o", str(output)]
+    return subprocess.Popen(
+        [*command, "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path, server):
+    config = write_config(tmp_path / "sim.yaml", server.base_url)
+    assert main(["--config", str(config), "--output", str(tmp_path / "ref"), "--no-progress"]) == 0
+    reference = records(tmp_path / "ref")
+
+    out = tmp_path / "killed"
+    progress = []
+    for extra_calls in (15, 100, 60):  # first round; second round of the first world; the second world
+        seen = len(server.requests)
+        process = _start(config, out)
+        while len(server.requests) < seen + extra_calls and process.poll() is None:
+            time.sleep(0.002)
+        assert process.poll() is None, process.stderr.read().decode()
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+        manifests = out.glob("world-*/manifest.jsonl")
+        progress.append(
+            sum(len(json.loads(line)["agents"]) for m in manifests for line in m.read_text().splitlines())
+        )
+    process = _start(config, out)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr.decode()
+
+    assert progress == sorted(progress) and 0 < progress[-1] < 36, progress  # killed at different points
+    resumed = records(out)
+    assert len(resumed) == len(reference) == 2 * 2 * 9
+    assert resumed == reference
+    assert not list(out.rglob("*.tmp"))
+    for manifest in out.glob("world-*/manifest.jsonl"):
+        done = [
+            (e["round"], a) for e in map(json.loads, manifest.read_text().splitlines()) for a in e["agents"]
+        ]
+        assert len(done) == len(set(done)) == 2 * 9
+
+
+def test_failed_calls_are_recorded_per_interaction(tmp_path, server):
+    with FakeOpenAIServer(fault="500") as broken:
+        config = write_config(
+            tmp_path / "sim.yaml",
+            server.base_url,
+            size=2,
+            rounds=1,
+            stances=["all_bad"],
+            k=1,
+            observer={"kind": "openai", "model": "judge", "base_urls": [broken.base_url], "max_retries": 0},
+        )
+        assert main(["--config", str(config), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    rows = records(tmp_path / "out")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["status"] == "failed" and "injected failure" in row["error"]
+        assert row["draft"].startswith("Answer") and row["revision"] is None
+        assert row["scores"] == dict.fromkeys(row["scores"]) and row["observer_model"] == "judge"
+        # The neighbour (on the working server) did answer.
+        assert len(row["feedback"]) == 1 and row["feedback"][0]["rating"] is not None
+
+
+def test_prior_generated_from_personas(tmp_path, server):
+    config = write_config(
+        tmp_path / "sim.yaml", server.base_url, size=2, rounds=1, stances=["half_half"], k=1
+    )
+    argv = [
+        "--config",
+        str(config),
+        "-o",
+        str(tmp_path / "out"),
+        "--prior-source",
+        "generate",
+        "--no-progress",
+    ]
+    assert main([*argv, "--set", "prior_generate=3"]) == 0
+    prior = [
+        json.loads(line)
+        for line in (tmp_path / "out/world-half_half-seed0/prior.jsonl").read_text().splitlines()
+    ]
+    assert sorted(row["label"] for row in prior) == ["bad"] * 3 + ["good"] * 3
+    personas = [
+        r for r in server.requests if r["messages"][0]["content"].startswith("You are a self-centred")
+    ]
+    assert len(personas) == 3
+    drafts = [
+        r["messages"][-1]["content"]
+        for r in server.requests
+        if "Answer in a few sentences" in r["messages"][-1]["content"]
+    ]
+    assert any(row["answer"] in draft for row in prior for draft in drafts)  # the agents recall them
+    assert all(r["status"] == "ok" for r in records(tmp_path / "out"))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, server, capsys):
+    config = write_config(tmp_path / "sim.yaml", server.base_url, size=2, rounds=1, stances=["all_good"], k=1)
+    existing = tmp_path / "existing"
+    assert main(["--config", str(config), "--output", str(existing), "--no-progress"]) == 0
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "extra.yaml").write_text("size: 3\ncolour: blue\n")
+    cases = [
+        (["--stances", "all_nice"], "unknown stance 'all_nice'"),
+        (["--agent-backend", "gpt"], "unknown agent backend 'gpt'"),
+        (["--size", "1"], "world size must be at least 2"),
+        (["--size", "3", "--k", "3"], "k=3 is larger than the smallest neighbourhood"),
+        (["--questions", str(tmp_path / "empty.txt")], "holds no questions"),
+        (["--questions", str(tmp_path / "missing.txt")], "cannot read question pool"),
+        (["--questions", str(tmp_path / "missing.csv")], "cannot read question pool"),
+        (["--output", str(tmp_path / "a-file" / "run")], "cannot be written"),
+        (["--output", str(existing), "--size", "3"], "holds a different run (differs in: size)"),
+        (["--set", "agent.colour=blue"], "unknown agent backend field(s): colour"),
+        (["--config", str(tmp_path / "extra.yaml")], "unknown config field(s): colour"),
+    ]
+    before = _snapshot(tmp_path)
+    for flags, message in cases:
+        argv = ["--config", str(config), "--output", str(tmp_path / "new"), "--no-progress", *flags]
+        assert main(argv) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (flags, err)
+        assert _snapshot(tmp_path) == before, flags
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(config), "--shard", "2/2"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.embedded
+def test_embedded_smollm2_end_to_end(tmp_path, embedded_model_dir, capsys):
+    out = tmp_path / "run"
+    # Prompt tokens dominate on a CPU: no memories in the prompts, short answers.
+    flags = ["--size", "3", "--rounds", "1", "--k", "1", "--top-n", "0", "--max-tokens", "16"]
+    assert main(["--output", str(out), "--agent-backend", "embedded", "--no-progress", *flags]) == 0
+    rows = records(out)
+    assert len(rows) == 9 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert all(r["draft"].strip() and r["revision"].strip() for r in rows)
+    assert rows[0]["agent_model"] == "SmolLM2-135M-Instruct"
+    scores = [v for r in rows for v in r["scores"].values() if v is not None]
+    assert scores and all(1 <= v <= 7 for v in scores)
+    assert "round" in capsys.readouterr().out
