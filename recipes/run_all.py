@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.embedded import embedded_model_path
+from pipeline.plots import format_table
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
 RUN_DIR = Path(os.environ.get("RUN_DIR", ROOT / "outputs" / "demo"))
@@ -35,8 +38,8 @@ def stages() -> list[tuple[str, Path, list[str]]]:
     return [
         (
             "simulate",
-            SIM / "summary.txt",
-            sandbox("simulate", "--config", str(CONFIGS / "demo_simulate.yaml"), "--output", str(SIM)),
+            SIM / "summary.json",
+            sandbox("simulate", "--config", str(CONFIGS / "simulate_demo.yaml"), "--output", str(SIM)),
         ),
         (
             "transform",
@@ -50,7 +53,9 @@ def stages() -> list[tuple[str, Path, list[str]]]:
                 sys.executable,
                 str(ROOT / "recipes" / "train.py"),
                 "--config",
-                str(CONFIGS / "demo_train.yaml"),
+                str(CONFIGS / "train_demo.yaml"),
+                "--model_name_or_path",
+                str(embedded_model_path()),
                 "--dataset_name",
                 str(DATA / "mixed"),
                 "--output_dir",
@@ -98,7 +103,7 @@ def main() -> int:
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
     print("\n== stage wall times (s):", ", ".join(f"{k} {v}" for k, v in timings.items()))
-    print((SIM / "summary.txt").read_text())
+    print(format_table(json.loads((SIM / "summary.json").read_text())))
     print((EVAL / "table.txt").read_text())
     print(f"plots: {SIM / 'rounds.png'}, {EVAL / 'evaluation.png'}")
     return 0
