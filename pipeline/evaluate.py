@@ -53,7 +53,9 @@ def backend_spec(ref: str, **fields: Any) -> BackendSpec:
     path = Path(ref).expanduser()
     looks_like_path = ref.startswith((".", "/", "~")) or path.exists()
     if looks_like_path and not (path / "config.json").is_file():
-        raise InputError(f"model folder {ref} has no config.json (missing or not a Hugging Face model folder)")
+        raise InputError(
+            f"model folder {ref} has no config.json (missing or not a Hugging Face model folder)"
+        )
     return BackendSpec(kind="local", model=str(path) if looks_like_path else ref, **fields)
 
 
@@ -73,7 +75,9 @@ async def _answer(backend: ChatBackend, question: str) -> tuple[str | None, str 
     return completion.text.strip(), None
 
 
-async def _rate(observer: ChatBackend, aspect: str, question: str, answer: str | None) -> tuple[float | None, str]:
+async def _rate(
+    observer: ChatBackend, aspect: str, question: str, answer: str | None
+) -> tuple[float | None, str]:
     if answer is None:
         return None, "no answer"
     try:
@@ -92,7 +96,9 @@ def open_backend(name: str, spec: BackendSpec) -> ChatBackend:
         raise InputError(f"cannot load model {name}: {detail}") from exc
 
 
-async def _answers(name: str, model: ChatBackend, questions: Sequence[str]) -> list[tuple[str | None, str | None]]:
+async def _answers(
+    name: str, model: ChatBackend, questions: Sequence[str]
+) -> list[tuple[str | None, str | None]]:
     # One question first: a model that cannot answer at all (unreachable endpoint, wrong model
     # name) stops the evaluation with its error instead of filling a table with nulls.
     first = await _answer(model, questions[0])
@@ -108,11 +114,20 @@ async def evaluate_model(
     async with open_backend(name, spec) as model:
         answers = await _answers(name, model, questions)
     rated = await asyncio.gather(
-        *(_rate(observer, aspect, q, a) for q, (a, _) in zip(questions, answers, strict=True) for aspect in ASPECTS)
+        *(
+            _rate(observer, aspect, q, a)
+            for q, (a, _) in zip(questions, answers, strict=True)
+            for aspect in ASPECTS
+        )
     )
     rows = []
     for i, (question, (answer, error)) in enumerate(zip(questions, answers, strict=True)):
-        row: dict[str, Any] = {"model": name, "question": question, "answer": answer or "", "error": error or ""}
+        row: dict[str, Any] = {
+            "model": name,
+            "question": question,
+            "answer": answer or "",
+            "error": error or "",
+        }
         for j, aspect in enumerate(ASPECTS):
             score, reason = rated[i * len(ASPECTS) + j]
             row[aspect] = score
@@ -218,10 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--column", default="question")
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions")
     parser.add_argument("--observer", default="embedded", help="observer model reference (default: embedded)")
-    parser.add_argument("--simulation-questions", help="warn when the pool overlaps this (the simulation's) pool")
+    parser.add_argument(
+        "--simulation-questions", help="warn when the pool overlaps this (the simulation's) pool"
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--cache", help="response cache (SQLite) shared by all models; default OUTPUT/cache.sqlite")
+    parser.add_argument(
+        "--cache", help="response cache (SQLite) shared by all models; default OUTPUT/cache.sqlite"
+    )
     parser.add_argument("--cache-mode", default="read-write", choices=["read-write", "replay-only", "off"])
     parser.add_argument("--output", required=True, help="folder for scores/, summary.json, evaluation.png")
     return parser

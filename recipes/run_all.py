@@ -44,7 +44,9 @@ def stages() -> list[tuple[str, Path, list[str]]]:
         (
             "transform",
             DATA / "summary.json",
-            sandbox("transform", str(SIM), "--output", str(DATA), "--format", "conversational", "--seed", "0"),
+            sandbox(
+                "transform", str(SIM), "--output", str(DATA), "--format", "conversational", "--seed", "0"
+            ),
         ),
         (
             "train",

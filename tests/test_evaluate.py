@@ -10,7 +10,6 @@ import pytest
 from datasets import load_from_disk
 
 from pipeline import evaluate
-from pipeline.llm.testing import FakeOpenAIServer
 
 
 @pytest.fixture
