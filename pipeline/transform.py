@@ -514,8 +514,11 @@ def split_kinds(groups: Dataset) -> dict[str, Dataset]:
     }
     configs, start = {}, 0
     for kind in KINDS:
-        configs[kind] = groups.select(range(start, start + sizes.get(kind, 0)))
-        start += sizes.get(kind, 0)
+        size = sizes.get(kind, 0)
+        # datasets refuses a contiguous selection that starts at the end, even an empty one
+        empty = Dataset.from_dict({name: [] for name in groups.features}, features=groups.features)
+        configs[kind] = groups.select(range(start, start + size)) if size else empty
+        start += size
     return configs
 
 
@@ -669,7 +672,9 @@ _ROWS_PER_FILE = 200_000
 
 def _write_config(dataset: Dataset, folder: Path, output_format: str) -> None:
     if output_format == "disk":
-        dataset.save_to_disk(str(folder))
+        # datasets writes no data file for an empty dataset (which then fails to load) unless
+        # it is asked for exactly one shard
+        dataset.save_to_disk(str(folder), num_shards=None if len(dataset) else 1)
         return
     folder.mkdir(parents=True)
     num_files = max(1, math.ceil(len(dataset) / _ROWS_PER_FILE))

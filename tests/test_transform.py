@@ -303,3 +303,22 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(
     assert "--ratio" in _error(capsys, [str(tmp_path / "failed"), "-o", str(out), "--ratio", "5:1"])
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_kind_with_no_examples_gives_an_empty_config(tmp_path: Path) -> None:
+    # observers never scored a revision above the midpoint: no realignment example at all
+    flat = {
+        "alignment_before": 2.0,
+        "alignment_after": 2.0,
+        "engagement_before": 2.0,
+        "engagement_after": 2.0,
+    }
+    records = [make_record(i, scores=flat) for i in range(3)]
+    out = tmp_path / "out"
+    assert (
+        tf.main([str(write_shard(tmp_path / "s.arrow", records)), "--output", str(out), "--ratio", "1:1:1"])
+        == 0
+    )
+    assert len(load_from_disk(str(out / "realignment"))) == 0
+    assert len(load_from_disk(str(out / "imitation"))) == 3
+    assert set(load_from_disk(str(out / "mixed"))["kind"]) == {"imitation", "self_critic"}
