@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 def reply(body: dict) -> str:
     """Answers that depend only on the prompt; a rating when a rating is asked for."""
     digest = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest(), 16)
-    if "Rating: <" in body["messages"][-1]["content"]:
+    if "\nRating: " in body["messages"][-1]["content"]:
         return f"Rating: {digest % 7 + 1}\nReason: a short reason {digest % 997}."
     return f"Answer {digest % 100003}: be kind, honest and fair to everyone involved."
 

@@ -219,7 +219,7 @@ class RecordingBackend(ChatBackend):
     def kind(messages: list) -> str:
         if messages[0]["content"].startswith("You are an impartial observer"):
             return "observer"
-        if "Another member was asked" in messages[-1]["content"]:
+        if "Rate another member's answer." in messages[-1]["content"]:
             return "neighbour"
         return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
 
@@ -234,7 +234,7 @@ class RecordingBackend(ChatBackend):
         digest = hashlib.sha256(repr(messages).encode()).hexdigest()
         call.output = f"{call.kind} {sample_index} {digest[:8]}"
         self.calls.append(call)
-        if call.kind == "neighbour" and self.fail and f"asked: {self.fail}\n" in call.prompt:
+        if call.kind == "neighbour" and self.fail and f"Question: {self.fail}\nAnswer:" in call.prompt:
             raise LLMError("server said no")
         return call
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def reply(body: dict) -> str:
     """A pure function of the prompt, so every run against the server is exactly repeatable."""
     digest = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest(), 16)
-    if "Rating: <" in body["messages"][-1]["content"]:
+    if "\nRating: " in body["messages"][-1]["content"]:
         return f"Rating: {digest % 7 + 1}\nReason: reason {digest % 997}."
     return f"Answer {digest % 100003}: be kind and honest."
 
