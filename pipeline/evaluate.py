@@ -236,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--simulation-questions", help="warn when the pool overlaps this (the simulation's) pool"
     )
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=96, help="longest answer, in tokens")
+    parser.add_argument(
+        "--observer-max-tokens", type=int, default=48, help="longest observer reason, in tokens"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
         "--cache", help="response cache (SQLite) shared by all models; default OUTPUT/cache.sqlite"
@@ -257,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--names needs one distinct name per model")
     output = Path(args.output)
     common = {
-        "max_tokens": args.max_tokens,
         "max_concurrency": args.concurrency,
         "cache_path": args.cache or str(output / "cache.sqlite"),
         "cache_mode": args.cache_mode,
@@ -266,8 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         questions = load_questions(args.questions, column=args.column)[: args.limit]
         if args.simulation_questions:
             warn_overlap(questions, args.simulation_questions)
-        models = {name: backend_spec(ref, **common) for name, ref in zip(names, refs, strict=True)}
-        observer = backend_spec(args.observer, **common)
+        models = {
+            name: backend_spec(ref, max_tokens=args.max_tokens, **common)
+            for name, ref in zip(names, refs, strict=True)
+        }
+        observer = backend_spec(args.observer, max_tokens=args.observer_max_tokens, **common)
         output.mkdir(parents=True, exist_ok=True)
         rows = asyncio.run(run_evaluation(models, observer, questions))
     except (InputError, LLMError, OSError) as exc:

@@ -57,6 +57,7 @@ def plot_rounds(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     worlds = sorted({row["world_id"] for row in rows})
@@ -73,6 +74,7 @@ def plot_rounds(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 ax.plot(rounds, values, style, color=color, marker="o", label=f"{world_id} {when}")
         ax.set_title(f"observer {aspect}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(1, 7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean rating (1-7)")
