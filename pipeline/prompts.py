@@ -27,7 +27,7 @@ SANDBOX_RULE = (
 )
 
 # Rating prompts show the scale through worked examples instead of a "<1-7>" placeholder: small
-# judges copy the placeholder's first digit. Measured with the embedded SmolLM2-135M on the 12
+# judges copy the placeholder's first digit. Measured with the embedded SmolLM2-135M on the first 12
 # good/bad answer pairs of the shipped prior: a placeholder prompt ranked the good answer higher in
 # 2 of 12 pairs, these anchored prompts in 12 of 12.
 _SCALES = {
