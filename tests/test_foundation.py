@@ -63,3 +63,12 @@ def test_embedded_conversion_is_race_free(tmp_path, monkeypatch: pytest.MonkeyPa
     mtime = (paths[0] / "config.json").stat().st_mtime
     assert embedded.embedded_model_path() == paths[0]
     assert (paths[0] / "config.json").stat().st_mtime == mtime
+
+
+def test_chat_answers_with_a_local_model(tiny_model_dir) -> None:
+    result = _sandbox("chat", "Is honesty kind?", "--model", str(tiny_model_dir), "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Q: Is honesty kind?\nA: ")
+    missing = _sandbox("chat", "--model", "./no-such-model")
+    assert missing.returncode == 2
+    assert "has no config.json" in missing.stderr
