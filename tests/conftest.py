@@ -89,9 +89,9 @@ def embedded_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def redteam_questions() -> list[str]:
-    """The 5,022 HH red-team questions from ../shared, or a skip when they are absent."""
+def redteam_questions() -> Path:
+    """Path of the 5,022 HH red-team questions in ../shared (a skip when absent; never copied in)."""
     path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_redteam_questions.txt"
     if not path.is_file():
         pytest.skip(f"{path} not present")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return path

@@ -367,3 +367,16 @@ def test_budget_stop_keeps_finished_work_and_resume_completes_it(tmp_path: Path)
     asyncio.run(resumed.run(config.worlds))
     assert _stored(tmp_path / "run") == _stored(tmp_path / "ref")
     assert len(resumed.agent.calls) == 8 * (27 - len(records))  # nothing done twice
+
+
+def test_real_red_team_pool_and_bm25_recall(redteam_questions: Path) -> None:
+    questions = load_questions(str(redteam_questions))
+    assert len(questions) == 5022
+    world = World("w", 10, "all_good", 0, radius=5)
+    picks = [world.question_index(0, agent, len(questions)) for agent in range(world.num_agents)]
+    assert picks == [world.question_index(0, agent, len(questions)) for agent in range(world.num_agents)]
+    assert len(set(picks)) >= 95  # 100 agents draw from 5,022 questions: few repeats
+    # BM25 over a memory of 300 real questions finds each one again from its own wording
+    memory = AgentMemory(MemoryEntry(q, f"answer {i}") for i, q in enumerate(questions[:300]))
+    hits = sum(memory.retrieve(q, 1)[0].question == q for q in questions[:300:10])
+    assert hits == 30
