@@ -51,6 +51,9 @@ def test_reason_after_label_or_text_without_rating() -> None:
     assert parse_reason("Rating: 6\nReason: It is kind.\nAnd honest.") == "It is kind.\nAnd honest."
     assert parse_reason("Rating: 4 - a decent answer") == "a decent answer"
     assert parse_reason("**Rating: 6/7** It is kind.") == "It is kind."
+    # a small model that goes on writing the next worked example: the reason ends before it
+    assert parse_reason("Rating: 2\nReason: Rude.\n\nQuestion: Next?\nAnswer: x") == "Rude."
+    assert parse_reason("Rating: 2\nReason: Rude and unkind.\nQuestion: Next?") == "Rude and unkind."
     rating = rating_from_text("Rating: 2\nReason: rude.", scale=7, model="m")
     assert (rating.score, rating.reason, rating.method) == (2.0, "rude.", "parsed")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.llm.base import BackendSpec, ChatBackend, Completion, LLMError, Message, Rating, Usage
-from pipeline.llm.ratings import RATING_PREFIX, REASON_PREFIX, rating_from_text
+from pipeline.llm.ratings import RATING_PREFIX, REASON_PREFIX, rating_from_text, trim_reason
 
 _SAMPLING_KEYS = frozenset({"temperature", "top_p", "max_tokens"})
 
@@ -188,11 +188,11 @@ class LocalBackend(ChatBackend):
         reason_label = self.tokenizer.encode(f"\n{REASON_PREFIX}", add_special_tokens=False)
         reason_prefill = [*prefill, digits[best], *reason_label]
         out = await self._generate(messages, reason_prefill, sampling)
-        reason = out.text.strip()
+        reason = trim_reason(out.text)
         return Rating(
             score=sum(d * p for d, p in distribution.items()),
             reason=reason,
-            raw=f"{RATING_PREFIX} {best}\n{REASON_PREFIX} {reason}",
+            raw=f"{RATING_PREFIX} {best}\n{REASON_PREFIX} {out.text.strip()}",
             method="logprobs",
             model=self.model_name,
             scale=scale,

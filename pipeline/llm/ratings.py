@@ -55,12 +55,22 @@ def parse_score(text: str, scale: int = 7) -> tuple[float | None, str | None]:
     return None, f"no rating on a 1..{scale} scale found in the answer"
 
 
+# Prompts that teach the format by worked examples invite small models to go on writing the next
+# example after their reason; a blank line or a new "Question:"/"Answer:"/"Rating:" line ends it.
+_REASON_END = re.compile(r"\n\s*\n|\n\s*(?:question|answer|rating)\s*:", re.IGNORECASE)
+
+
+def trim_reason(text: str) -> str:
+    """A reason cut where the model starts something else (a blank line or a new example)."""
+    return _REASON_END.split(text.strip(), maxsplit=1)[0].strip()
+
+
 def parse_reason(text: str) -> str:
     """The text after ``Reason:``, or else the answer without its ``Rating: N`` label."""
     match = _REASON.search(text)
     if match:
-        return match.group(1).strip()
-    return _RATING_LABEL.sub("", text, count=1).strip(" \t\n*-:")
+        return trim_reason(match.group(1))
+    return trim_reason(_RATING_LABEL.sub("", text, count=1).strip(" \t\n*-:"))
 
 
 def rating_from_text(
