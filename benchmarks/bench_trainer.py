@@ -67,6 +67,22 @@ class StepTimer:
         self.callback = _Callback()
 
 
+def training_kwargs(args, out: str) -> dict:
+    """The settings both trainers share, so they run the same steps, batch and precision."""
+    return dict(
+        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=1024,
+        activation_checkpointing=False, report_to=[], save_strategy="no", logging_steps=args.steps,
+        use_cpu=not args.cuda, bf16=args.cuda,
+    )  # fmt: skip
+
+
+def timed_train(trainer_class, model_path, config, dataset) -> float:
+    """Seconds from the end of the first (warm-up) step to the end of the last."""
+    timer = StepTimer()
+    trainer_class(model=model_path, args=config, train_dataset=dataset, callbacks=[timer.callback]).train()
+    return timer.ends[-1] - timer.ends[0]
+
+
 def run_stable(model_path, pairs, args, out) -> float:
     from datasets import Dataset
 
@@ -79,34 +95,16 @@ def run_stable(model_path, pairs, args, out) -> float:
             "scores": [[7.0, 1.0]] * len(pairs["prompt"]),
         }
     )
-    config = StableAlignmentConfig(
-        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=1024,
-        activation_checkpointing=False, report_to=[], save_strategy="no", logging_steps=args.steps,
-        use_cpu=not args.cuda, bf16=args.cuda,
-    )  # fmt: skip
-    timer = StepTimer()
-    trainer = StableAlignmentTrainer(
-        model=model_path, args=config, train_dataset=dataset, callbacks=[timer.callback]
-    )
-    trainer.train()
-    return timer.ends[-1] - timer.ends[0]
+    config = StableAlignmentConfig(**training_kwargs(args, out))
+    return timed_train(StableAlignmentTrainer, model_path, config, dataset)
 
 
 def run_dpo(model_path, pairs, args, out) -> float:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    config = DPOConfig(
-        output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=1024,
-        gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=args.steps,
-        use_cpu=not args.cuda, bf16=args.cuda,
-    )  # fmt: skip
-    timer = StepTimer()
-    trainer = DPOTrainer(
-        model=model_path, args=config, train_dataset=Dataset.from_dict(pairs), callbacks=[timer.callback]
-    )
-    trainer.train()
-    return timer.ends[-1] - timer.ends[0]
+    config = DPOConfig(**training_kwargs(args, out))
+    return timed_train(DPOTrainer, model_path, config, Dataset.from_dict(pairs))
 
 
 def run_reference(model_path, pairs, args, out) -> float:
