@@ -109,9 +109,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--config", metavar="FILE.yaml", help="YAML file of config fields; flags override it"
-    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields; flags override it")
     for dotted, f, tp in _iter_fields(cls):
         positional = f.metadata.get("positional", False)
         names = [dotted] if positional else [f"--{dotted.replace('_', '-')}"]
@@ -173,6 +171,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UserError(f"unknown {where + ' ' if where else ''}field(s): {', '.join(unknown)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:  # named as flags: what a user of the command line has to add
+        prefix = f"{where}." if where else ""
+        raise UserError("missing " + ", ".join(f"--{prefix}{name}".replace("_", "-") for name in missing))
     kwargs = {}
     for name, value in data.items():
         nested = _nested_dataclass(hints[name])
