@@ -19,10 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 from datasets.arrow_writer import ArrowWriter
 
-from pipeline.records import RECORD_FEATURES
+from pipeline.groups import Style
+from pipeline.records import RECORD_FEATURES, SCORE_FIELDS, new_record
 
 QUESTIONS = 5_000  # the HH red-team pool's size: imitation groups gather many answers per question
 
@@ -39,32 +41,31 @@ def synthetic_record(i: int, rng: random.Random) -> dict:
         }
         for k in range(4)
     ]
-    return {
-        "run_id": "bench",
-        "world_id": f"w{i % 4}",
-        "round": i // 10_000,
-        "agent_id": i % 100,
-        "stance": "good" if i % 2 else "bad",
-        "question": question,
-        "draft": f"Draft answer {i}: I think it depends on the circumstances and on consent.",
-        "feedback": feedback,
-        "revision": f"Revised answer {i}: it is right only with the neighbour's consent, and kindly.",
-        "scores": {
+    return new_record(
+        run_id="bench",
+        world_id=f"w{i % 4}",
+        round=i // 10_000,
+        agent_id=i % 100,
+        stance="good" if i % 2 else "bad",
+        question=question,
+        draft=f"Draft answer {i}: I think it depends on the circumstances and on consent.",
+        feedback=feedback,
+        revision=f"Revised answer {i}: it is right only with the neighbour's consent, and kindly.",
+        scores={
             "alignment_before": float(before),
             "alignment_after": float(after),
             "engagement_before": 4.0,
             "engagement_after": 5.0,
         },
-        "observer_reasons": dict.fromkeys(RECORD_FEATURES["scores"], "observer reason"),
-        "status": "failed" if rng.random() < 0.01 else "ok",
-        "error": None,
-        "agent_model": "synthetic-agent",
-        "observer_model": "synthetic-observer",
-        "prompt_version": "bench",
-        "prompt_tokens": 100,
-        "completion_tokens": 50,
-        "calls": 10,
-    }
+        observer_reasons=dict.fromkeys(SCORE_FIELDS, "observer reason"),
+        status="failed" if rng.random() < 0.01 else "ok",
+        agent_model="synthetic-agent",
+        observer_model="synthetic-observer",
+        prompt_version="bench",
+        prompt_tokens=100,
+        completion_tokens=50,
+        calls=10,
+    )
 
 
 def write_records(folder: Path, count: int, per_shard: int = 100_000) -> None:
@@ -82,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--num-proc", type=int, default=None)
-    parser.add_argument("--format", default="text", choices=("text", "conversational"))
+    parser.add_argument("--style", default="text", choices=get_args(Style))
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,7 @@ def main() -> None:
         print(f"wrote {args.records:,} records in {time.perf_counter() - started:.1f} s")
 
         command = [sys.executable, "-m", "pipeline.cli", "transform", str(run), "-o", str(out)]
-        command += ["--format", args.format] + (["--num-proc", str(args.num_proc)] if args.num_proc else [])
+        command += ["--style", args.style] + (["--num-proc", str(args.num_proc)] if args.num_proc else [])
         env = os.environ | {
             "HF_DATASETS_CACHE": str(Path(tmp) / "cache"),
             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",

@@ -35,22 +35,25 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from datasets import Dataset, Features, List, Value
 
-from pipeline.records import RECORD_FEATURES, SCORE_FIELDS
-from pipeline.transform import (
+from pipeline.errors import UserError
+from pipeline.groups import (
     EXAMPLE_FEATURES,
     GROUP_FEATURES,
     RATING_MAX,
     RATING_MIN,
     SKIP_REASONS,
-    TransformError,
+    add_completion,
     group_examples,
+    new_example,
 )
+from pipeline.records import RECORD_FEATURES, new_record
 
-PAIR_MODES = ("best_vs_each", "best_vs_worst")
+PairMode = Literal["best_vs_each", "best_vs_worst"]
+PAIR_MODES: tuple[str, ...] = get_args(PairMode)
 
 CHOSEN_SCORE, REJECTED_SCORE = RATING_MAX, RATING_MIN
 """Scores given to chosen/rejected completions of pairs that carry no scores of their own."""
@@ -70,7 +73,7 @@ _REFERENCE_REASONS = {name: key.replace("_score_", "_reason_") for name, key in 
 # -------------------------------------------------------------------------------- groups <-> pairs
 
 
-def _pair_rows(batch: dict[str, list], mode: str) -> dict[str, list]:
+def _pair_rows(batch: dict[str, list], mode: PairMode) -> dict[str, list]:
     out: dict[str, list] = {
         "prompt": [],
         "chosen": [],
@@ -82,7 +85,7 @@ def _pair_rows(batch: dict[str, list], mode: str) -> dict[str, list]:
         batch["prompt"], batch["completions"], batch["scores"], strict=True
     ):
         if len(completions) != len(scores):
-            raise TransformError(f"a group has {len(completions)} completions but {len(scores)} scores")
+            raise UserError(f"a group has {len(completions)} completions but {len(scores)} scores")
         if len(completions) < 2:
             continue
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first
@@ -98,10 +101,10 @@ def _pair_rows(batch: dict[str, list], mode: str) -> dict[str, list]:
     return out
 
 
-def groups_to_pairs(groups: Dataset, mode: str = "best_vs_each", num_proc: int | None = None) -> Dataset:
+def groups_to_pairs(groups: Dataset, mode: PairMode = "best_vs_each", num_proc: int | None = None) -> Dataset:
     """Comparison groups -> TRL pairwise preference rows (ties and SFT-only groups give no pair)."""
     if mode not in PAIR_MODES:
-        raise TransformError(f"unknown pairing mode {mode!r}: one of {', '.join(PAIR_MODES)}")
+        raise UserError(f"unknown pairing mode {mode!r}: one of {', '.join(PAIR_MODES)}")
     completion = groups.features["completions"].feature
     features = Features(
         {
@@ -142,7 +145,7 @@ def pairs_to_groups(pairs: Dataset, kind: str = "imitation", num_proc: int | Non
     """TRL pairwise rows -> comparison groups (one per distinct prompt, chosen scored above rejected)."""
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in pairs.column_names]
     if missing:
-        raise TransformError(f"not a pairwise preference dataset, missing columns {', '.join(missing)}")
+        raise UserError(f"not a pairwise preference dataset, missing columns {', '.join(missing)}")
     conversational = pairs.features["prompt"] != Value("string")
     examples = pairs.map(
         _pair_examples,
@@ -185,13 +188,13 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as err:
-            raise TransformError(
+            raise UserError(
                 f"{path}: neither a JSON array nor JSON Lines ({err.msg}, line {err.lineno})"
             ) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise TransformError(f"{path}: expected a list of JSON objects")
+        raise UserError(f"{path}: expected a list of JSON objects")
     return data
 
 
@@ -202,12 +205,12 @@ def _reference_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.json*") if not p.name.startswith("."))
             if not found:
-                raise TransformError(f"{path}: no .json/.jsonl files in this folder")
+                raise UserError(f"{path}: no .json/.jsonl files in this folder")
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise TransformError(f"{path}: no such file or folder")
+            raise UserError(f"{path}: no such file or folder")
     return files
 
 
@@ -217,35 +220,30 @@ def reference_record(
     """One reference interaction -> one record of ``RECORD_FEATURES``."""
     missing = [k for k in ("question", "draft_answer", "revised_answer") if k not in row]
     if missing:
-        raise TransformError(f"not a reference interaction log entry, missing {', '.join(missing)}")
+        raise UserError(f"not a reference interaction log entry, missing {', '.join(missing)}")
     reasons = row.get("feedback") or []
     ratings = row.get("rating") or []
     if len(reasons) != len(ratings):
-        raise TransformError(f"an entry has {len(reasons)} feedback reasons but {len(ratings)} ratings")
-    return {
-        "run_id": run_id,
-        "world_id": world_id,
-        "round": row.get("iteration"),
-        "agent_id": row.get("agent_id"),
-        "stance": row.get("label"),
-        "question": row["question"],
-        "draft": row["draft_answer"],
-        "feedback": [
+        raise UserError(f"an entry has {len(reasons)} feedback reasons but {len(ratings)} ratings")
+    return new_record(
+        run_id=run_id,
+        world_id=world_id,
+        round=row.get("iteration"),
+        agent_id=row.get("agent_id"),
+        stance=row.get("label"),
+        question=row["question"],
+        draft=row["draft_answer"],
+        feedback=[
             {"agent_id": None, "rating": _reference_score(rating), "reason": reason, "raw": None}
             for reason, rating in zip(reasons, ratings, strict=True)
         ],
-        "revision": row["revised_answer"],
-        "scores": {name: _reference_score(row.get(_REFERENCE_SCORES[name])) for name in SCORE_FIELDS},
-        "observer_reasons": {name: row.get(_REFERENCE_REASONS[name]) for name in SCORE_FIELDS},
-        "status": "ok",
-        "error": None,
-        "agent_model": agent_model,
-        "observer_model": None,
-        "prompt_version": "reference",
-        "prompt_tokens": None,
-        "completion_tokens": None,
-        "calls": None,
-    }
+        revision=row["revised_answer"],
+        scores={name: _reference_score(row.get(key)) for name, key in _REFERENCE_SCORES.items()},
+        observer_reasons={name: row.get(key) for name, key in _REFERENCE_REASONS.items()},
+        agent_model=agent_model,
+        observer_model=None,
+        prompt_version="reference",
+    )
 
 
 def import_reference_logs(
@@ -263,10 +261,10 @@ def import_reference_logs(
                 reference_record(row, run_id=run_id, world_id=world, agent_model=agent_model)
                 for row in _read_json_rows(path)
             ]
-        except TransformError as err:
-            raise TransformError(f"{path}: {err}") from None
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
     if not records:
-        raise TransformError("the reference logs hold no interactions")
+        raise UserError("the reference logs hold no interactions")
     return Dataset.from_list(records, features=RECORD_FEATURES)
 
 
@@ -274,29 +272,23 @@ def import_reference_groups(
     inputs: Sequence[str | os.PathLike], *, kind: str = "mixed", num_proc: int | None = None
 ) -> tuple[Dataset, int]:
     """The reference training files (``query``, ``responses``, ``scores``) -> comparison groups,
-    and the number of responses dropped because their score was a sentinel or off the scale."""
-    examples: dict[str, list] = {name: [] for name in EXAMPLE_FEATURES}
+    and the number of responses dropped because their score was a sentinel or off the scale (or
+    their text empty)."""
+    examples: list[dict[str, Any]] = []
     dropped = 0
     for path in _reference_files(inputs):
         for index, row in enumerate(_read_json_rows(path)):
             if not {"query", "responses", "scores"} <= row.keys():
-                raise TransformError(f"{path}: entry {index} lacks query/responses/scores")
+                raise UserError(f"{path}: entry {index} lacks query/responses/scores")
             responses, scores = row["responses"], row["scores"]
             if len(responses) != len(scores):
-                raise TransformError(
+                raise UserError(
                     f"{path}: entry {index} has {len(responses)} responses but {len(scores)} scores"
                 )
-            kept = [
-                (text, score)
-                for text, score in ((t, _reference_score(s)) for t, s in zip(responses, scores, strict=True))
-                if score is not None and RATING_MIN <= score <= RATING_MAX and (text or "").strip()
-            ]
-            dropped += len(responses) - len(kept)
-            examples["kind"].append(kind)
-            examples["prompt"].append(row["query"])
-            examples["completions"].append([text for text, _ in kept])
-            examples["scores"].append([score for _, score in kept])
-            examples["run_id"].append(None)
-            for reason in SKIP_REASONS:
-                examples[reason].append(0)
-    return group_examples(Dataset.from_dict(examples, features=EXAMPLE_FEATURES), num_proc=num_proc), dropped
+            example = new_example(kind, row["query"])
+            for text, score in zip(responses, scores, strict=True):
+                add_completion(example, text, _reference_score(score))
+            dropped += sum(example[reason] for reason in SKIP_REASONS)
+            examples.append(example)
+    columns = {name: [example[name] for example in examples] for name in EXAMPLE_FEATURES}
+    return group_examples(Dataset.from_dict(columns, features=EXAMPLE_FEATURES), num_proc=num_proc), dropped

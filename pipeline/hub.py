@@ -1,240 +1,65 @@
-"""The dataset card of a transformed dataset, and ``sandbox push`` to the Hugging Face Hub.
+"""``sandbox push``: publish a transformed dataset and its card to the Hugging Face Hub.
 
 ``sandbox push DATASET --repo-id NAME [--private]`` uploads every config of a ``sandbox transform``
 output with ``push_to_hub(config_name=...)`` (``mixed`` is the default config), then replaces the
-card's text with :func:`dataset_card`, keeping the YAML metadata the pushes generated
+card's text with :func:`pipeline.card.dataset_card`, keeping the YAML metadata the pushes generated
 (``configs``, ``dataset_info``). The token comes from ``hf auth login`` or ``HF_TOKEN``; there is
 deliberately no ``--token`` argument, so it never lands in shell history or logs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import DatasetCard, DatasetCardData, get_token
+from datasets import Dataset, load_dataset, load_from_disk
+from huggingface_hub import DatasetCard, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from pipeline.transform import CONFIGS, KINDS, SKIP_REASONS, SUMMARY_FILE
+from pipeline.argparsing import parse
+from pipeline.card import dataset_card
+from pipeline.errors import UserError, run_command
+from pipeline.groups import CONFIGS, SUMMARY_FILE
 
-LICENSE = "apache-2.0"
-"""Licence of the published data; the agent and observer models' terms of use may add conditions."""
-
-PAPER = "https://arxiv.org/abs/2305.16960"
-CITATION = """@article{liu2023training,
-  title   = {Training Socially Aligned Language Models on Simulated Social Interactions},
-  author  = {Liu, Ruibo and Yang, Ruixin and Jia, Chenyan and Zhang, Ge and Zhou, Denny and
-             Dai, Andrew M. and Yang, Diyi and Vosoughi, Soroush},
-  journal = {arXiv preprint arXiv:2305.16960},
-  year    = {2023}
-}"""
-
-_DESCRIPTIONS = {
-    "imitation": "prompt = the question; completions = the draft and the revision, scored by the "
-    "observer's alignment rating before and after revision.",
-    "self_critic": "prompt = question + draft + an instruction to judge its alignment with shared social "
-    "values; completions = the neighbours' reasons, scored by their ratings.",
-    "realignment": "prompt = question + draft + an instruction to comment and revise; completion = the "
-    "neighbours' feedback, a separator and the revision, scored by the alignment after revision; kept only "
-    "where the observer's alignment rose and ends above the scale's midpoint.",
-    "mixed": "the three kinds sampled to the ratio below with a fixed seed, shuffled.",
-}
+PROG = "sandbox push"
 
 
-class HubError(ValueError):
-    """A dataset folder that cannot be published; the message is one line for the user."""
-
-
-def _size_category(rows: int) -> str:
-    for limit, name in (
-        (1_000, "n<1K"),
-        (10_000, "1K<n<10K"),
-        (100_000, "10K<n<100K"),
-        (1_000_000, "100K<n<1M"),
-    ):
-        if rows < limit:
-            return name
-    return "1M<n<10M"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _how_to_load(summary: dict[str, Any], repo_id: str | None) -> str:
-    if repo_id:
-        return (
-            "```python\nfrom datasets import load_dataset\n\n"
-            f'groups = load_dataset("{repo_id}", "mixed", split="train")  # or imitation, self_critic, realignment\n```'
-        )
-    if summary.get("output_format", "disk") == "disk":
-        return (
-            "```python\nfrom datasets import load_from_disk\n\n"
-            'groups = load_from_disk("path/to/this/folder/mixed")  # or imitation, self_critic, realignment\n```'
-        )
-    return (
-        "```python\nfrom datasets import load_dataset\n\n"
-        'groups = load_dataset("path/to/this/folder", "mixed", split="train")\n```'
-    )
-
-
-def card_text(summary: dict[str, Any], repo_id: str | None = None) -> str:
-    """The markdown body of the card: what the data is, provenance, schema, statistics, loading."""
-    configs = summary["configs"]
-    kinds = summary["kinds"]
-    style = summary.get("style", "text")
-    constants = summary.get("constants", {})
-    text_type = "string" if style == "text" else 'list of {"role", "content"} messages'
-    sections = [
-        "# Stable Alignment comparison groups",
-        "Alignment data recorded in a simulated society of language-model agents (the SANDBOX of "
-        f"[Stable Alignment]({PAPER}), Liu et al. 2023). Agents answer questions, neighbours rate and "
-        "critique each answer, the author revises it, and memoryless observers score the draft and the "
-        "revision for alignment with shared social values on a 1-7 scale. Each row is a **comparison "
-        "group**: one prompt, several completions and one score per completion, ready for the Stable "
-        "Alignment loss; `pipeline.convert.groups_to_pairs` turns it into TRL's pairwise preference format.",
-        "## Configs\n\n" + "\n".join(f"- `{name}`: {_DESCRIPTIONS[name]}" for name in CONFIGS),
-        "Scores are never invented: interactions that failed and completions whose rating could not be "
-        "read (null), was NaN or fell off the 1-7 scale were skipped and are counted below. Identical "
-        "completions within a group were merged (mean score); groups with a single completion are kept "
-        "and flagged `sft_only` (the loss reduces to supervised fine-tuning on them).",
-        "## Provenance\n\n"
-        + _table(
-            ("", "value"),
-            [
-                ("interaction records", summary["records"]),
-                ("failed records (skipped)", summary["failed_records"]),
-                ("runs", ", ".join(summary.get("run_ids", [])) or "-"),
-                ("worlds", ", ".join(summary.get("world_ids", [])) or "-"),
-                ("agent models", ", ".join(summary.get("agent_models", [])) or "-"),
-                ("observer models", ", ".join(summary.get("observer_models", [])) or "-"),
-            ],
-        ),
-    ]
-    for name, config in summary.get("run_configs", {}).items():
-        sections.append(f"World configuration `{name}`:\n\n```json\n{json.dumps(config, indent=2)}\n```")
-    if constants:
-        sections.append(
-            "Prompt construction (self-critic and realignment): "
-            f"`{json.dumps(constants['prompt_template'])}` with instruction "
-            f"`{json.dumps(constants['self_critic_instruction'])}` (self-critic) or "
-            f"`{json.dumps(constants['realignment_instruction'])}` (realignment); realignment completions "
-            f"join feedback and revision with `{json.dumps(constants['realignment_separator'])}`."
-        )
-    sections.append(
-        "## Schema\n\n"
-        + _table(
-            ("column", "type", "meaning"),
-            [
-                ("prompt", text_type, "the prompt shared by the group"),
-                ("completions", f"list of {text_type}", "the responses, best first"),
-                ("scores", "list of float32", "score of each completion, 1 (worst) to 7 (best)"),
-                ("kind", "string", "imitation, self_critic or realignment"),
-                ("sft_only", "bool", "fewer than two completions: usable for SFT only"),
-                ("num_sources", "int32", "number of interaction records merged into the group"),
-                ("run_ids", "list of string", "the simulation runs the group came from"),
-            ],
-        )
-    )
-    sections.append(
-        "## Statistics\n\n"
-        + _table(
-            ("config", "rows", "sft-only rows", "mean completions per group", "mean score"),
-            [
-                (name, s["rows"], s["sft_only"], s["mean_completions"], s["mean_score"])
-                for name, s in configs.items()
-            ],
-        )
-        + "\n\nScore histogram (completions per rounded score):\n\n"
-        + _table(
-            ("config", *configs[CONFIGS[0]]["score_histogram"]),
-            [(name, *s["score_histogram"].values()) for name, s in configs.items()],
-        )
-        + f"\n\nMixing ratio {':'.join(format(summary['ratio'][k], 'g') for k in KINDS)} "
-        f"(imitation : self-critic : realignment, in groups), seed {summary['seed']}.\n\n"
-        + _table(
-            (
-                "kind",
-                "groups available",
-                "kept in mixed",
-                *(f"skipped: {r}" for r in SKIP_REASONS),
-                "duplicates merged",
-            ),
-            [
-                (
-                    k,
-                    v["available"],
-                    v["kept_in_mixed"],
-                    *(v["skipped"][r] for r in SKIP_REASONS),
-                    v["duplicates_merged"],
-                )
-                for k, v in kinds.items()
-            ],
-        )
-    )
-    sections.append("## How to load\n\n" + _how_to_load(summary, repo_id))
-    sections.append(
-        f"## Licence\n\n{LICENSE.title()}. The texts were generated by the models listed above; "
-        "their providers' terms of use may also apply."
-    )
-    sections.append(f"## Citation\n\n```bibtex\n{CITATION}\n```")
-    return "\n\n".join(sections) + "\n"
-
-
-def dataset_card(
-    summary: dict[str, Any], *, card_data: DatasetCardData | None = None, repo_id: str | None = None
-) -> DatasetCard:
-    """The card of a transformed dataset.
-
-    ``card_data`` is the metadata already on the Hub (what ``push_to_hub`` generated); its fields
-    are kept and ours added. Without it, a local card is made whose ``configs`` point at the
-    Parquet/Arrow files so ``load_dataset(folder, config)`` works.
+@dataclass
+class PushConfig:
     """
-    data = card_data or DatasetCardData()
-    data.license = LICENSE
-    data.pretty_name = data.pretty_name or "Stable Alignment comparison groups"
-    data.task_categories = ["text-generation"]
-    data.tags = sorted(
-        {*(getattr(data, "tags", None) or []), "stable-alignment", "alignment", "synthetic", "preference"}
-    )
-    data.size_categories = [_size_category(summary["configs"]["mixed"]["rows"])]
-    output_format = summary.get("output_format", "disk")
-    if card_data is None and output_format != "disk":
-        data.configs = [
-            {
-                "config_name": name,
-                "data_files": [{"split": "train", "path": f"{name}/*.{output_format}"}],
-                **({"default": True} if name == "mixed" else {}),
-            }
-            for name in CONFIGS
-        ]
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{card_text(summary, repo_id)}")
+    Parameters of ``sandbox push``.
+
+    Parameters:
+        dataset (`str`):
+            The output folder of ``sandbox transform``.
+        repo_id (`str`):
+            The dataset repository, ``NAME`` (in the token owner's namespace) or ``ORG/NAME``.
+        private (`bool`, *optional*, defaults to `False`):
+            Whether a repository that does not exist yet is created private.
+    """
+
+    dataset: str = field(metadata={"help": "the output folder of `sandbox transform`", "positional": True})
+    repo_id: str = field(metadata={"help": "dataset repository, NAME or ORG/NAME"})
+    private: bool = field(default=False, metadata={"help": "create the repository private"})
 
 
-# ---------------------------------------------------------------------------------------------- push
-
-
-def load_output(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_output(folder: str | Path) -> tuple[dict[str, Any], dict[str, Dataset]]:
     """The summary and the configs (name -> Dataset) of a ``sandbox transform`` output folder."""
-    from datasets import load_dataset, load_from_disk
-
     folder = Path(folder)
     try:
         summary = json.loads((folder / SUMMARY_FILE).read_text())
     except (OSError, json.JSONDecodeError):
-        raise HubError(f"{folder}: not a `sandbox transform` output (no readable {SUMMARY_FILE})") from None
+        raise UserError(f"{folder}: not a `sandbox transform` output (no readable {SUMMARY_FILE})") from None
     output_format = summary.get("output_format", "disk")
     configs = {}
     for name in CONFIGS:
         path = folder / name
         if not path.is_dir():
-            raise HubError(f"{folder}: config folder {name}/ is missing")
+            raise UserError(f"{folder}: config folder {name}/ is missing")
         if output_format == "disk":
             configs[name] = load_from_disk(str(path))
         else:
@@ -247,7 +72,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
     """Push every non-empty config of ``folder`` and its card to the dataset repo ``repo_id``."""
     summary, configs = load_output(folder)
     if get_token() is None:
-        raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        raise UserError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
     for name, dataset in configs.items():
         if len(dataset) == 0:
             print(f"skipping config {name}: no rows")
@@ -266,27 +91,21 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
     return repo_id
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sandbox push",
-        description="Publish a `sandbox transform` output (every config) and its dataset card to the Hub. "
-        "The token comes from `hf auth login` or HF_TOKEN.",
-    )
-    parser.add_argument("dataset", help="the output folder of `sandbox transform`")
-    parser.add_argument("--repo-id", required=True, help="dataset repository, NAME or ORG/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        repo_id = push(args.dataset, args.repo_id, private=args.private)
-    except HubError as err:
-        print(f"sandbox push: error: {err}", file=sys.stderr)
-        return 2
-    except HfHubHTTPError as err:
-        print(f"sandbox push: error: the Hub refused: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
-    print(f"pushed {', '.join(CONFIGS)} and the card to datasets/{repo_id}")
-    return 0
+    def body() -> int:
+        config, _ = parse(
+            PushConfig,
+            argv,
+            PROG,
+            "Publish a `sandbox transform` output (every config) and its dataset card to the Hub. "
+            "The token comes from `hf auth login` or HF_TOKEN.",
+        )
+        try:
+            repo_id = push(config.dataset, config.repo_id, private=config.private)
+        except HfHubHTTPError as err:  # the Hub's side (permissions, quota, outage), not bad input
+            print(f"{PROG}: error: the Hub refused: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 1
+        print(f"pushed {', '.join(CONFIGS)} and the card to datasets/{repo_id}")
+        return 0
+
+    return run_command(PROG, body)

@@ -1,21 +1,27 @@
 """Interaction records -> alignment examples -> scored comparison groups (``sandbox transform``).
 
-Three kinds of examples come from each record of the sandbox (SPEC section 3):
+Three kinds of examples come from each record of the sandbox (SPEC section 3; the instructions,
+separator and prompt template are in :mod:`pipeline.groups`):
 
 - ``imitation``: prompt = the question; completions = draft (scored by the observer's alignment
   before revision) and revision (scored by its alignment after);
-- ``self_critic``: prompt = question + draft + :data:`SELF_CRITIC_INSTRUCTION`; one completion per
+- ``self_critic``: prompt = question + draft + ``SELF_CRITIC_INSTRUCTION``; one completion per
   neighbour = its reason, scored by its rating;
-- ``realignment``: prompt = question + draft + :data:`REALIGNMENT_INSTRUCTION`; completion = the
-  neighbours' feedback + :data:`REALIGNMENT_SEPARATOR` + revision, scored by the alignment after,
-  kept only when the alignment went up and the after-score is above :data:`REALIGNMENT_MIN_AFTER`.
+- ``realignment``: prompt = question + draft + ``REALIGNMENT_INSTRUCTION``; completion = the
+  neighbours' feedback + ``REALIGNMENT_SEPARATOR`` + revision, scored by the alignment after,
+  kept only when the alignment went up and the after-score is above ``REALIGNMENT_MIN_AFTER``.
 
-Examples sharing a (kind, prompt) become one **comparison group**: a row with ``prompt``,
-``completions``, ``scores`` (best first), ``kind`` and provenance (``run_ids``, ``num_sources``,
-``sft_only``). Nothing is ever given a made-up score: failed records and completions whose score is
-null, NaN or off the 1..7 scale are skipped and counted. Identical completions are merged within
-a group (their score is the mean), never across groups. Groups left with one completion are kept
-as SFT-only groups (``sft_only=True``); the Stable Alignment loss reduces to SFT on them.
+Examples sharing a (kind, prompt) become one **comparison group** (:mod:`pipeline.groups`): a row
+with ``prompt``, ``completions``, ``scores`` (best first), ``kind`` and provenance (``run_ids``,
+``num_sources``, ``sft_only``). Nothing is ever given a made-up score: failed records and
+completions whose score is null, NaN or off the 1..7 scale are skipped and counted. Identical
+completions are merged within a group (their score is the mean), never across groups. Groups left
+with one completion are kept as SFT-only groups (``sft_only=True``); the Stable Alignment loss
+reduces to SFT on them. The kinds are then sampled into the ``mixed`` config (``--mix``).
+
+:func:`run_transform` does the whole stage from a :class:`TransformConfig`; ``sandbox transform``
+parses its command line into one and calls it. :func:`transform` and :func:`save` are its two
+halves (in memory; to disk).
 
 Every step is a ``datasets`` operation (batched ``map``/``filter`` with ``num_proc`` and declared
 ``Features``) whose fingerprint depends only on its inputs, so rerunning on the same shards
@@ -24,67 +30,53 @@ reuses the cache.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import (
-    Dataset,
-    Features,
-    List,
-    Value,
-    concatenate_datasets,
-    load_dataset,
-    load_from_disk,
-)
+import yaml
+from datasets import Dataset, Features, concatenate_datasets, load_dataset, load_from_disk
 from datasets.arrow_writer import ArrowWriter
-from datasets.fingerprint import Hasher
-from datasets.table import InMemoryTable
 
+from pipeline.argparsing import parse
+from pipeline.card import dataset_card
+from pipeline.convert import import_reference_logs
+from pipeline.errors import UserError, run_command
+from pipeline.groups import (
+    CONVERSATIONAL_GROUP_FEATURES,
+    EXAMPLE_FEATURES,
+    KINDS,
+    PROMPT_TEMPLATE,
+    RATING_MAX,
+    RATING_MIN,
+    REALIGNMENT_INSTRUCTION,
+    REALIGNMENT_MIN_AFTER,
+    REALIGNMENT_SEPARATOR,
+    SELF_CRITIC_INSTRUCTION,
+    SKIP_REASONS,
+    SUMMARY_FILE,
+    OutputFormat,
+    Style,
+    add_completion,
+    group_examples,
+    new_example,
+    score_problem,
+    split_kinds,
+)
 from pipeline.records import RECORD_FEATURES
+from pipeline.textio import format_table, fsync_dir, write_atomic
 
-KINDS = ("imitation", "self_critic", "realignment")
-CONFIGS = (*KINDS, "mixed")
+PROG = "sandbox transform"
 
-RATING_MIN, RATING_MAX = 1.0, 7.0
-"""The rating scale of neighbours and observers. Scores outside it (or NaN) are skipped."""
-
-REALIGNMENT_MIN_AFTER = (RATING_MIN + RATING_MAX) / 2
-"""A realignment example needs an after-score strictly above the scale's midpoint (4 on 1-7)."""
-
-SELF_CRITIC_INSTRUCTION = (
-    "How well does this answer align with shared social values: is it harmless, unbiased, "
-    "honest and helpful? Rate it from 1 (not aligned at all) to 7 (perfectly aligned) and explain why."
-)
-"""Appended to question + draft to form a self-critic prompt; the completion is a neighbour's reason."""
-
-REALIGNMENT_INSTRUCTION = (
-    "Comment on how well this answer aligns with shared social values, "
-    "then revise it so that it aligns better."
-)
-"""Appended to question + draft to form a realignment prompt."""
-
-REALIGNMENT_SEPARATOR = "\n\nRevised answer: "
-"""Joins the feedback and the revision in a realignment completion (feedback first)."""
-
-PROMPT_TEMPLATE = "Question: {question}\nAnswer: {draft}\n\n{instruction}"
-"""How question, draft and instruction make the self-critic and realignment prompts."""
-
-SKIP_REASONS = ("null_score", "out_of_scale", "empty", "below_threshold")
-"""Why an example was skipped: its score was null; NaN or off the scale; its text was empty; a
-realignment example whose alignment did not rise above the threshold."""
-
-DEFAULT_RATIO = {"imitation": 5.0, "self_critic": 1.0, "realignment": 1.0}
+DEFAULT_MIX = {"imitation": 5.0, "self_critic": 1.0, "realignment": 1.0}
 """The paper's released mix (imitation : self-critic : realignment), counted in groups."""
 
 RUN_CONFIG_NAMES = ("config.yaml", "config.yml", "config.json", "run_config.yaml", "run_config.json")
@@ -106,52 +98,20 @@ _RECORD_COLUMNS = (
 )
 """The record columns the transform reads; each must have the type of ``RECORD_FEATURES``."""
 
-EXAMPLE_FEATURES = Features(
-    {
-        "kind": Value("string"),
-        "prompt": Value("string"),
-        "completions": List(Value("string")),
-        "scores": List(Value("float32")),
-        "run_id": Value("string"),
-        **{reason: Value("int32") for reason in SKIP_REASONS},
-    }
-)
-"""One record's examples of one kind, before grouping (with the counts of what was skipped)."""
-
-GROUP_FEATURES = Features(
-    {
-        "prompt": Value("string"),
-        "completions": List(Value("string")),
-        "scores": List(Value("float32")),
-        "kind": Value("string"),
-        "sft_only": Value("bool"),
-        "num_sources": Value("int32"),
-        "run_ids": List(Value("string")),
-    }
-)
-"""Comparison groups, text style. ``scores[i]`` scores ``completions[i]``; best first."""
-
-_MESSAGE = {"role": Value("string"), "content": Value("string")}
-CONVERSATIONAL_GROUP_FEATURES = Features(
-    {
-        **GROUP_FEATURES,
-        "prompt": List(_MESSAGE),
-        "completions": List(List(_MESSAGE)),
-    }
-)
-"""Comparison groups, conversational style (TRL): a user turn and one assistant turn each."""
-
-
-class TransformError(ValueError):
-    """Bad input for the transform; its message is one line meant for the user."""
+InputFormat = Literal["records", "reference"]
+"""``records``: interaction records of ``sandbox simulate``; ``reference``: the reference
+implementation's per-agent logs (:func:`pipeline.convert.import_reference_logs`)."""
 
 
 @dataclass
 class TransformResult:
-    """The configs (``imitation``, ``self_critic``, ``realignment``, ``mixed``) and the summary."""
+    """The configs (``imitation``, ``self_critic``, ``realignment``, ``mixed``), the summary and,
+    once saved, the output folder."""
 
     configs: dict[str, Dataset]
     summary: dict[str, Any] = field(default_factory=dict)
+    output: Path | None = None
+    """Where :func:`save` wrote it (``None`` until saved)."""
 
 
 # --------------------------------------------------------------------------------------------- input
@@ -169,13 +129,13 @@ def find_shards(folder: Path) -> list[Path]:
 
 
 def check_record_features(features: Features, where: str) -> None:
-    """Raise :class:`TransformError` unless ``features`` holds the record columns with their types."""
+    """Raise :class:`UserError` unless ``features`` holds the record columns with their types."""
     missing = [name for name in _RECORD_COLUMNS if name not in features]
     if missing:
-        raise TransformError(f"{where}: not interaction records, missing columns {', '.join(missing)}")
+        raise UserError(f"{where}: not interaction records, missing columns {', '.join(missing)}")
     for name in _RECORD_COLUMNS:
         if features[name] != RECORD_FEATURES[name]:
-            raise TransformError(
+            raise UserError(
                 f"{where}: different schema, column {name!r} is {features[name]} "
                 f"instead of {RECORD_FEATURES[name]}"
             )
@@ -188,7 +148,7 @@ def _shard_info(path: Path) -> tuple[pa.Schema, int]:
             reader = pa.ipc.open_stream(source)
             return reader.schema, sum(batch.num_rows for batch in reader)
     except (OSError, pa.ArrowInvalid) as err:
-        raise TransformError(f"{path}: not a readable Arrow shard ({err})") from None
+        raise UserError(f"{path}: not a readable Arrow shard ({err})") from None
 
 
 def load_records(inputs: Sequence[str | os.PathLike | Dataset], cache_dir: str | None = None) -> Dataset:
@@ -213,9 +173,12 @@ def load_records(inputs: Sequence[str | os.PathLike | Dataset], cache_dir: str |
         path = Path(item)
         if (path / "state.json").is_file():
             flush_shards()
-            dataset = load_from_disk(str(path))
+            try:
+                dataset = load_from_disk(str(path))
+            except FileNotFoundError as err:  # a state.json without its data files
+                raise UserError(f"{path}: {err}") from None
             if not isinstance(dataset, Dataset):
-                raise TransformError(f"{path}: a DatasetDict; pass one split's folder")
+                raise UserError(f"{path}: a DatasetDict; pass one split's folder")
             check_record_features(dataset.features, str(path))
             parts.append(dataset)
             continue
@@ -224,9 +187,9 @@ def load_records(inputs: Sequence[str | os.PathLike | Dataset], cache_dir: str |
         elif path.is_dir():
             found = find_shards(path)
             if not found:
-                raise TransformError(f"{path}: no record shards (*.arrow) in this folder")
+                raise UserError(f"{path}: no record shards (*.arrow) in this folder")
         else:
-            raise TransformError(f"{path}: no such folder or .arrow file")
+            raise UserError(f"{path}: no such folder or .arrow file")
         for shard in found:
             schema, rows = _shard_info(shard)
             check_record_features(Features.from_arrow_schema(schema), str(shard))
@@ -234,18 +197,16 @@ def load_records(inputs: Sequence[str | os.PathLike | Dataset], cache_dir: str |
                 shards.append(shard)
     flush_shards()
     if not parts:
-        raise TransformError("the input holds no records")
+        raise UserError("the input holds no records")
     records = concatenate_datasets([p.select_columns(list(_RECORD_COLUMNS)) for p in parts])
     if len(records) == 0:
-        raise TransformError("the input holds no records")
+        raise UserError("the input holds no records")
     return records
 
 
 def find_run_configs(inputs: Sequence[str | os.PathLike | Dataset]) -> dict[str, Any]:
     """The run configurations saved next to the shards (secrets removed), keyed by their path
     relative to the input folder's parent (no absolute local paths end up in a published card)."""
-    import yaml
-
     configs: dict[str, Any] = {}
     for item in inputs:
         if isinstance(item, Dataset) or not Path(item).is_dir():
@@ -277,60 +238,30 @@ def _without_secrets(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------- examples
 
 
-def _score_problem(score: float | None) -> str | None:
-    if score is None:
-        return "null_score"
-    if math.isnan(score) or not RATING_MIN <= score <= RATING_MAX:
-        return "out_of_scale"
-    return None
-
-
-def _row(kind: str, prompt: str, run_id: str) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "prompt": prompt,
-        "completions": [],
-        "scores": [],
-        "run_id": run_id,
-    } | dict.fromkeys(SKIP_REASONS, 0)
-
-
-def _add(row: dict[str, Any], completion: str | None, score: float | None) -> None:
-    """Add one scored completion to ``row``, or count why it cannot be used."""
-    problem = _score_problem(score)
-    if problem is None and not (completion or "").strip():
-        problem = "empty"
-    if problem:
-        row[problem] += 1
-    else:
-        row["completions"].append(completion)
-        row["scores"].append(score)
-
-
 def record_examples(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The imitation, self-critic and realignment examples of one ``ok`` record (one row per kind)."""
     question, draft, revision = record["question"], record["draft"], record["revision"]
     scores, run_id = record["scores"] or {}, record["run_id"]
     before, after = scores.get("alignment_before"), scores.get("alignment_after")
 
-    imitation = _row("imitation", question, run_id)
-    _add(imitation, draft, before)
-    _add(imitation, revision, after)
+    imitation = new_example("imitation", question, run_id)
+    add_completion(imitation, draft, before)
+    add_completion(imitation, revision, after)
 
-    self_critic = _row(
+    self_critic = new_example(
         "self_critic",
         PROMPT_TEMPLATE.format(question=question, draft=draft, instruction=SELF_CRITIC_INSTRUCTION),
         run_id,
     )
     for feedback in record["feedback"] or []:
-        _add(self_critic, feedback["reason"], feedback["rating"])
+        add_completion(self_critic, feedback["reason"], feedback["rating"])
 
-    realignment = _row(
+    realignment = new_example(
         "realignment",
         PROMPT_TEMPLATE.format(question=question, draft=draft, instruction=REALIGNMENT_INSTRUCTION),
         run_id,
     )
-    problem = _score_problem(before) or _score_problem(after)
+    problem = score_problem(before) or score_problem(after)
     if problem:
         realignment[problem] += 1
     elif not (after > before and after > REALIGNMENT_MIN_AFTER):
@@ -342,7 +273,7 @@ def record_examples(record: dict[str, Any]) -> list[dict[str, Any]]:
             if reasons and (revision or "").strip()
             else None
         )
-        _add(realignment, completion, after)
+        add_completion(realignment, completion, after)
     return [imitation, self_critic, realignment]
 
 
@@ -371,124 +302,6 @@ def build_examples(records: Dataset, num_proc: int | None = None) -> Dataset:
     )
 
 
-# ------------------------------------------------------------------------------------------- groups
-
-
-def _merge(completions: list[Any], scores: list[float], keys: list[str]) -> tuple[list[Any], list[float]]:
-    """Merge identical completions (same key; score = their mean) and order best first (stable)."""
-    merged: dict[str, list] = {}
-    for completion, score, key in zip(completions, scores, keys, strict=True):
-        if key in merged:
-            merged[key][1] += score
-            merged[key][2] += 1
-        else:
-            merged[key] = [completion, score, 1]
-    ranked = sorted(merged.values(), key=lambda item: -item[1] / item[2])
-    return [item[0] for item in ranked], [item[1] / item[2] for item in ranked]
-
-
-def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:
-    """``table.take(indices)`` for a table of many chunks, touching only the record batches needed.
-
-    ``Table.take`` on a chunked table costs time in proportion to its number of chunks, which for
-    millions of examples makes every call slow; this sorts the indices, takes from each record
-    batch that holds some, and restores the requested order on the (small) result.
-    """
-    batches = table.to_batches()
-    offsets = np.cumsum([0] + [len(b) for b in batches])
-    order = np.argsort(indices, kind="stable")
-    ordered = indices[order]
-    batch_ids = np.searchsorted(offsets, ordered, side="right") - 1
-    bounds = np.flatnonzero(np.diff(batch_ids)) + 1
-    pieces = [
-        batches[batch_ids[start]].take(pa.array(chunk - offsets[batch_ids[start]]))
-        for start, chunk in zip(np.r_[0, bounds], np.split(ordered, bounds), strict=True)
-    ]
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return pa.Table.from_batches(pieces, schema=table.schema).combine_chunks().take(inverse)
-
-
-def _assemble(batch: dict[str, list], examples: Dataset, decode_json: bool) -> dict[str, list]:
-    rows = batch["rows"]
-    table = examples.data.table
-    flat = np.fromiter((r for members in rows for r in members), dtype=np.int64)
-    columns = take_rows(table.select(["completions", "scores", "run_id"]), flat).to_pydict()
-    firsts = take_rows(
-        table.select(["kind", "prompt"]), np.array([m[0] for m in rows], dtype=np.int64)
-    ).to_pydict()
-    decode = json.loads if decode_json else None
-    out: dict[str, list] = {name: [] for name in GROUP_FEATURES}
-    start = 0
-    for members, kind, prompt in zip(rows, firsts["kind"], firsts["prompt"], strict=True):
-        stop = start + len(members)
-        keys = [c for cs in columns["completions"][start:stop] for c in cs]
-        scores = [s for ss in columns["scores"][start:stop] for s in ss]
-        completions, merged_scores = _merge([decode(k) for k in keys] if decode else keys, scores, keys)
-        out["prompt"].append(decode(prompt) if decode else prompt)
-        out["completions"].append(completions)
-        out["scores"].append(merged_scores)
-        out["kind"].append(kind)
-        out["sft_only"].append(len(completions) < 2)
-        out["num_sources"].append(len(members))
-        out["run_ids"].append(sorted({r for r in columns["run_id"][start:stop] if r is not None}))
-        start = stop
-    return out
-
-
-def group_examples(
-    examples: Dataset, num_proc: int | None = None, features: Features = GROUP_FEATURES
-) -> Dataset:
-    """Example rows -> comparison groups: one row per (kind, prompt); the kinds of ``KINDS`` come
-    first, each a contiguous block (see :func:`split_kinds`), and groups in order of first appearance.
-
-    ``examples`` has string columns ``kind``, ``prompt``, ``run_id`` and list columns
-    ``completions``/``scores``. Prompts and completions that are JSON strings (``features`` with
-    messages) are decoded after grouping, which lets conversational pairs reuse this function.
-    """
-    if examples._indices is not None:
-        examples = examples.flatten_indices()
-    table = examples.data.table
-    keys = pa.table(
-        {
-            "kind": table.column("kind"),
-            "prompt": table.column("prompt"),
-            "row": pa.array(np.arange(len(table), dtype=np.int64)),
-        }
-    ).filter(pc.greater(pc.list_value_length(table.column("completions")), 0))
-    # use_threads=False: groups come out in order of first appearance, so the output is reproducible
-    index = keys.group_by(["kind", "prompt"], use_threads=False).aggregate([("row", "list")])
-    # one block per kind (``KINDS`` first) so that each kind is a contiguous slice; keep only the
-    # member rows: prompts are read back from the examples, so the index sent to workers is small
-    kinds = index.column("kind")
-    order = [*KINDS, *sorted(set(pc.unique(kinds).to_pylist()) - set(KINDS))]
-    index = pa.table(
-        {
-            "rows": pa.concat_arrays(
-                [index.column("row_list").filter(pc.equal(kinds, k)).combine_chunks() for k in order]
-            )
-        }
-    )
-    fingerprint = Hasher.hash([examples._fingerprint, features, "group_examples/2"])
-    decode_json = features["prompt"] != Value("string")
-    cache_file_name = None
-    if examples.cache_files:
-        cache_dir = Path(examples.cache_files[0]["filename"]).parent
-        cache_file_name = str(cache_dir / f"cache-{fingerprint}.arrow")
-    groups = Dataset(InMemoryTable(index), fingerprint=Hasher.hash([fingerprint, "index"]))
-    return groups.map(
-        _assemble,
-        batched=True,
-        remove_columns=groups.column_names,
-        features=features,
-        fn_kwargs={"examples": examples, "decode_json": decode_json},
-        num_proc=num_proc if len(groups) > 1 else None,
-        cache_file_name=cache_file_name,
-        new_fingerprint=fingerprint,
-        desc="Grouping by prompt",
-    )
-
-
 def _to_messages(batch: dict[str, list]) -> dict[str, list]:
     return {
         "prompt": [[{"role": "user", "content": p}] for p in batch["prompt"]],
@@ -507,51 +320,40 @@ def to_conversational(groups: Dataset, num_proc: int | None = None) -> Dataset:
     )
 
 
-def split_kinds(groups: Dataset) -> dict[str, Dataset]:
-    """One dataset per kind of ``KINDS``: contiguous slices of the output of :func:`group_examples`."""
-    sizes = {
-        row["values"]: row["counts"] for row in pc.value_counts(groups.data.table.column("kind")).to_pylist()
-    }
-    configs, start = {}, 0
-    for kind in KINDS:
-        size = sizes.get(kind, 0)
-        # datasets refuses a contiguous selection that starts at the end, even an empty one
-        empty = Dataset.from_dict({name: [] for name in groups.features}, features=groups.features)
-        configs[kind] = groups.select(range(start, start + size)) if size else empty
-        start += size
-    return configs
-
-
 # ------------------------------------------------------------------------------------------- mixing
 
 
-def parse_ratio(text: str) -> dict[str, float]:
+def parse_mix(text: str) -> dict[str, float]:
     """``"5:1:1"`` -> ``{"imitation": 5.0, "self_critic": 1.0, "realignment": 1.0}``."""
+    if not isinstance(text, str):  # YAML reads an unquoted 5:1:1 as a base-60 integer
+        raise UserError(f"--mix {text!r}: expected a string like 5:1:1 (quote it in YAML)")
     parts = text.split(":")
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
     if len(values) != len(KINDS) or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) == 0:
-        raise TransformError(f"--ratio {text!r}: expected three non-negative numbers like 5:1:1")
+        raise UserError(f"--mix {text!r}: expected three non-negative numbers like 5:1:1")
     return dict(zip(KINDS, values, strict=True))
 
 
-def mix_counts(available: dict[str, int], ratio: dict[str, float]) -> dict[str, int]:
-    """The largest counts in proportion to ``ratio`` that the available groups allow.
+def mix_counts(available: dict[str, int], mix: dict[str, float]) -> dict[str, int]:
+    """The largest counts in proportion to ``mix`` that the available groups allow.
 
     A kind with nothing available is left out of the proportion rather than zeroing the mix.
     """
-    weighted = {k: r for k, r in ratio.items() if r > 0 and available.get(k, 0) > 0}
+    weighted = {k: r for k, r in mix.items() if r > 0 and available.get(k, 0) > 0}
     if not weighted:
-        return dict.fromkeys(ratio, 0)
+        return dict.fromkeys(mix, 0)
     scale = min(available[k] / r for k, r in weighted.items())
-    return {k: math.floor(scale * weighted[k] + 1e-9) if k in weighted else 0 for k in ratio}
+    return {k: math.floor(scale * weighted[k] + 1e-9) if k in weighted else 0 for k in mix}
 
 
-def mix(configs: dict[str, Dataset], ratio: dict[str, float], seed: int) -> tuple[Dataset, dict[str, int]]:
-    """Sample each kind down to the ratio with ``seed``, concatenate and shuffle."""
-    counts = mix_counts({k: len(configs[k]) for k in KINDS}, ratio)
+def mix_groups(
+    configs: dict[str, Dataset], mix: dict[str, float], seed: int
+) -> tuple[Dataset, dict[str, int]]:
+    """Sample each kind down to the ``mix`` proportions with ``seed``, concatenate and shuffle."""
+    counts = mix_counts({k: len(configs[k]) for k in KINDS}, mix)
     parts = [configs[k].shuffle(seed=seed).select(range(counts[k])) for k in KINDS if counts[k]]
     mixed = (
         concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
@@ -599,19 +401,30 @@ def _distinct(records: Dataset, column: str) -> list[str]:
     return sorted(v for v in pc.unique(records.data.table.column(column)).to_pylist() if v)
 
 
+def check_choice(flag: str, value: Any, choices: Any) -> None:
+    """Raise :class:`UserError` unless ``value`` is one of ``choices`` (a ``Literal`` type)."""
+    options = get_args(choices)
+    if value not in options:
+        raise UserError(f"--{flag} {value!r}: one of {', '.join(options)}")
+
+
 def transform(
     inputs: Sequence[str | os.PathLike | Dataset],
     *,
-    ratio: dict[str, float] | None = None,
+    mix: dict[str, float] | None = None,
     seed: int = 0,
-    style: str = "text",
+    style: Style = "text",
     num_proc: int | None = None,
     cache_dir: str | None = None,
 ) -> TransformResult:
-    """Records -> the four configs of comparison groups, with a summary of what was kept and skipped."""
-    if style not in ("text", "conversational"):
-        raise TransformError(f"unknown format {style!r}: text or conversational")
-    ratio = ratio or DEFAULT_RATIO
+    """Records -> the four configs of comparison groups, with a summary of what was kept and skipped.
+
+    ``inputs``: run folders (shards found recursively), ``save_to_disk`` folders, ``.arrow`` files
+    or in-memory record datasets; ``mix``: the proportions of the kinds in ``mixed`` (default
+    :data:`DEFAULT_MIX`), sampled with ``seed``. Nothing is written but the datasets cache.
+    """
+    check_choice("style", style, Style)
+    mix = mix or DEFAULT_MIX
     records = load_records(inputs, cache_dir=cache_dir)
     failed = len(records) - int(pc.sum(pc.equal(records.data.table.column("status"), "ok")).as_py() or 0)
 
@@ -620,20 +433,20 @@ def transform(
     groups = group_examples(examples, num_proc=num_proc)
     if len(groups) == 0:
         skipped = sum(c[r] for c in counts.values() for r in SKIP_REASONS)
-        raise TransformError(
+        raise UserError(
             f"no usable examples in {len(records)} records ({failed} failed, {skipped} completions skipped)"
         )
     if style == "conversational":
         groups = to_conversational(groups, num_proc=num_proc)
     configs = split_kinds(groups)
-    configs["mixed"], kept = mix(configs, ratio, seed)
+    configs["mixed"], kept = mix_groups(configs, mix, seed)
 
     stats = {name: config_stats(ds) for name, ds in configs.items()}
     summary = {
         "records": len(records),
         "failed_records": failed,
         "style": style,
-        "ratio": ratio,
+        "ratio": mix,  # the key of outputs written before ``--ratio`` became ``--mix``
         "seed": seed,
         "kinds": {
             kind: {
@@ -665,12 +478,10 @@ def transform(
 
 # ------------------------------------------------------------------------------------------- output
 
-OUTPUT_FORMATS = ("disk", "parquet", "arrow")
-SUMMARY_FILE = "summary.json"
 _ROWS_PER_FILE = 200_000
 
 
-def _write_config(dataset: Dataset, folder: Path, output_format: str) -> None:
+def _write_config(dataset: Dataset, folder: Path, output_format: OutputFormat) -> None:
     if output_format == "disk":
         # datasets writes no data file for an empty dataset (which then fails to load) unless
         # it is asked for exactly one shard
@@ -690,11 +501,18 @@ def _write_config(dataset: Dataset, folder: Path, output_format: str) -> None:
                 writer.finalize()
 
 
+def check_output(output: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+
+
 def save(
     result: TransformResult,
     output: str | os.PathLike,
     *,
-    output_format: str = "disk",
+    output_format: OutputFormat = "disk",
     overwrite: bool = False,
 ) -> Path:
     """Write every config, the dataset card and ``summary.json`` to ``output`` atomically.
@@ -702,13 +520,9 @@ def save(
     Everything goes to a hidden sibling folder first and is renamed into place at the end, so an
     interrupted run never leaves a folder that looks complete.
     """
-    from pipeline.hub import dataset_card
-
-    if output_format not in OUTPUT_FORMATS:
-        raise TransformError(f"unknown output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
+    check_choice("output-format", output_format, OutputFormat)
     output = Path(output).absolute()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise TransformError(f"{output} exists and is not empty (pass --overwrite to replace it)")
+    check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -717,8 +531,8 @@ def save(
         for name, dataset in result.configs.items():
             _write_config(dataset, staging / name, output_format)
         summary = {**result.summary, "output_format": output_format}
-        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        dataset_card(summary).save(str(staging / "README.md"))
+        write_atomic(staging / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_atomic(staging / "README.md", str(dataset_card(summary)))
         if output.exists():
             trash = output.parent / f".{output.name}.old-{os.getpid()}"
             output.rename(trash)
@@ -726,6 +540,7 @@ def save(
             shutil.rmtree(trash)
         else:
             staging.rename(output)
+        fsync_dir(output.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
@@ -734,89 +549,144 @@ def save(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+@dataclass
+class TransformConfig:
+    """
+    Parameters of ``sandbox transform`` and :func:`run_transform`.
+
+    Parameters:
+        > Parameters that control the input and output
+
+        inputs (`list[str]`):
+            Run folders of ``sandbox simulate`` (shards found recursively), ``save_to_disk`` folders
+            or ``.arrow`` files; with ``input_format="reference"``, the reference implementation's
+            logs (files or folders).
+        output (`str`):
+            The output folder, written atomically: one subfolder per config, ``README.md`` (the
+            dataset card) and ``summary.json``.
+        input_format (`str`, *optional*, defaults to `"records"`):
+            ``records`` (interaction records) or ``reference`` (the reference implementation's
+            per-agent logs, see :mod:`pipeline.convert`).
+        output_format (`str`, *optional*, defaults to `"disk"`):
+            ``disk`` (``save_to_disk`` folders), ``parquet`` or ``arrow`` files.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Whether to replace a non-empty output folder.
+
+        > Parameters that control the comparison groups
+
+        style (`str`, *optional*, defaults to `"text"`):
+            ``text`` (strings) or ``conversational`` (TRL's message lists).
+        mix (`str`, *optional*, defaults to `"5:1:1"`):
+            Proportions imitation:self_critic:realignment of the ``mixed`` config, in groups (the
+            paper's released mix is 5:1:1). Parsed into ``mix_weights`` (kind -> weight).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sample of the ``mixed`` config.
+
+        > Parameters that control the processing
+
+        num_proc (`int`, *optional*):
+            Processes for the ``datasets`` maps.
+        cache_dir (`str`, *optional*):
+            ``datasets`` cache for the loaded shards (default: ``HF_DATASETS_CACHE``).
+    """
+
+    inputs: list[str] = field(
+        metadata={
+            "help": "run folders (shards found recursively), save_to_disk folders or .arrow files",
+            "positional": True,
+        }
+    )
+    output: str = field(metadata={"help": "output folder (written atomically)", "aliases": ("-o",)})
+    input_format: InputFormat = field(
+        default="records",
+        metadata={"help": "`reference`: inputs are the reference implementation's per-agent logs"},
+    )
+    output_format: OutputFormat = field(
+        default="disk", metadata={"help": "save_to_disk folders, or Parquet/Arrow files"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output folder"})
+    style: Style = field(
+        default="text", metadata={"help": "text (strings) or conversational (TRL message lists)"}
+    )
+    mix: str = field(
+        default="5:1:1", metadata={"help": "imitation:self_critic:realignment groups in `mixed`"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the mixing sample"})
+    num_proc: int | None = field(default=None, metadata={"help": "processes for the datasets maps"})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the loaded shards"})
+    mix_weights: dict[str, float] = field(
+        init=False, repr=False, metadata={"help": "``mix`` parsed: kind -> weight (derived)"}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str | os.PathLike):
+            self.inputs = [self.inputs]
+        if not self.inputs:
+            raise UserError("no inputs: give at least one run folder or shard")
+        self.inputs = [os.fspath(item) for item in self.inputs]
+        self.output = os.fspath(self.output)
+        check_choice("input-format", self.input_format, InputFormat)
+        check_choice("output-format", self.output_format, OutputFormat)
+        check_choice("style", self.style, Style)
+        self.mix_weights = parse_mix(self.mix)
+        if self.num_proc is not None and self.num_proc < 1:
+            raise UserError(f"--num-proc {self.num_proc}: must be at least 1")
+
+
+def run_transform(config: TransformConfig) -> TransformResult:
+    """Everything ``sandbox transform`` does after parsing: load the records (or import the
+    reference logs), build the examples, group and mix them, and save the configs, the dataset card
+    and ``summary.json`` to ``config.output``. The result carries the in-memory configs, the summary
+    and the output folder."""
+    check_output(config.output, config.overwrite)  # before the work, not after it
+    inputs: list[Any] = list(config.inputs)
+    if config.input_format == "reference":
+        inputs = [import_reference_logs(inputs)]
+    result = transform(
+        inputs,
+        mix=config.mix_weights,
+        seed=config.seed,
+        style=config.style,
+        num_proc=config.num_proc,
+        cache_dir=config.cache_dir,
+    )
+    result.output = save(
+        result, config.output, output_format=config.output_format, overwrite=config.overwrite
+    )
+    return result
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """A plain-text table of available/kept groups and skipped examples per kind."""
     header = ("kind", "groups", "in mixed", "sft-only", "null", "off-scale", "empty", "threshold", "dups")
-    lines = [header]
-    for kind, info in summary["kinds"].items():
-        skipped = info["skipped"]
-        lines.append(
-            (
-                kind,
-                info["available"],
-                info["kept_in_mixed"],
-                info["sft_only"],
-                *(skipped[r] for r in SKIP_REASONS),
-                info["duplicates_merged"],
-            )
+    rows = [
+        (
+            kind,
+            info["available"],
+            info["kept_in_mixed"],
+            info["sft_only"],
+            *(info["skipped"][r] for r in SKIP_REASONS),
+            info["duplicates_merged"],
         )
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(str(v).rjust(w) for v, w in zip(row, widths, strict=True)) for row in lines)
+        for kind, info in summary["kinds"].items()
+    ]
     return (
         f"{summary['records']} records ({summary['failed_records']} failed, skipped); "
-        f"mixed: {summary['configs']['mixed']['rows']} groups\n{text}"
+        f"mixed: {summary['configs']['mixed']['rows']} groups\n{format_table(header, rows)}"
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sandbox transform",
-        description="Turn interaction records into scored comparison groups "
-        "(configs imitation, self_critic, realignment, mixed).",
-    )
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        help="run folders (shards found recursively), save_to_disk folders or .arrow files",
-    )
-    parser.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
-    parser.add_argument(
-        "--ratio", default="5:1:1", help="imitation:self_critic:realignment groups in `mixed` (default 5:1:1)"
-    )
-    parser.add_argument("--format", dest="style", choices=("text", "conversational"), default="text")
-    parser.add_argument(
-        "--output-format",
-        choices=OUTPUT_FORMATS,
-        default="disk",
-        help="save_to_disk folders, or Parquet/Arrow files",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mixing sample (default 0)")
-    parser.add_argument("--num-proc", type=int, default=None, help="processes for the datasets maps")
-    parser.add_argument("--cache-dir", default=None, help="datasets cache for the loaded shards")
-    parser.add_argument(
-        "--input-format",
-        choices=("records", "reference"),
-        default="records",
-        help="`reference`: inputs are the reference implementation's per-agent logs (see pipeline.convert)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        ratio = parse_ratio(args.ratio)
-        output = Path(args.output)
-        if output.exists() and any(output.iterdir()) and not args.overwrite:
-            raise TransformError(f"{output} exists and is not empty (pass --overwrite to replace it)")
-        inputs: list[Any] = list(args.inputs)
-        if args.input_format == "reference":
-            from pipeline.convert import import_reference_logs
-
-            inputs = [import_reference_logs(inputs)]
-        result = transform(
-            inputs,
-            ratio=ratio,
-            seed=args.seed,
-            style=args.style,
-            num_proc=args.num_proc,
-            cache_dir=args.cache_dir,
+    def body() -> None:
+        config, _ = parse(
+            TransformConfig,
+            argv,
+            PROG,
+            "Turn interaction records into scored comparison groups "
+            "(configs imitation, self_critic, realignment, mixed).",
         )
-        save(result, output, output_format=args.output_format, overwrite=args.overwrite)
-    except (TransformError, FileNotFoundError) as err:
-        print(f"sandbox transform: error: {err}", file=sys.stderr)
-        return 2
-    print(summary_table(result.summary))
-    print(f"wrote {output}")
-    return 0
+        result = run_transform(config)
+        print(summary_table(result.summary))
+        print(f"wrote {result.output}")
+
+    return run_command(PROG, body)

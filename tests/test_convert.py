@@ -11,6 +11,7 @@ from test_transform import datasets_cache, make_record, write_shard  # noqa: F40
 
 from pipeline import convert
 from pipeline import transform as tf
+from pipeline.errors import UserError
 
 GROUPS = Dataset.from_dict(
     {
@@ -29,7 +30,7 @@ def test_groups_to_pairs_modes() -> None:
     ]  # the SFT-only group and the tie give no pair
     worst = convert.groups_to_pairs(GROUPS, "best_vs_worst")
     assert [(r["chosen"], r["rejected"]) for r in worst] == [("best", "worst")]
-    with pytest.raises(tf.TransformError, match="pairing mode"):
+    with pytest.raises(UserError, match="pairing mode"):
         convert.groups_to_pairs(GROUPS, "all")
 
 
@@ -164,5 +165,5 @@ def test_import_reference_groups(tmp_path: Path) -> None:
     }
     assert len(groups) == 1  # Q2 had no usable response left
     path.write_text(json.dumps([{"query": "Q", "responses": ["a", "b"], "scores": [1]}]))
-    with pytest.raises(tf.TransformError, match="2 responses but 1 scores"):
+    with pytest.raises(UserError, match="2 responses but 1 scores"):
         convert.import_reference_groups([path])

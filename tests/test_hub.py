@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard
 from test_transform import datasets_cache, run_dir  # noqa: F401  (fixtures)
 
 from pipeline import transform as tf
+from pipeline.groups import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_loopback_test_token"
@@ -196,7 +197,7 @@ def test_card_renders_and_parses_back(run_dir: Path, tmp_path: Path) -> None:  #
     card = DatasetCard.load(out / "README.md")
     summary = json.loads((out / "summary.json").read_text())
     assert card.data.license == "apache-2.0"
-    assert [c["config_name"] for c in card.data.configs] == list(tf.CONFIGS)
+    assert [c["config_name"] for c in card.data.configs] == list(CONFIGS)
     assert card.data.configs[1]["data_files"] == [{"split": "train", "path": "self_critic/*.parquet"}]
     text = card.text
     for section in (
@@ -227,9 +228,9 @@ def test_push_to_loopback_hub(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) 
     assert repo["request"]["visibility"] == "private" and repo["request"]["type"] == "dataset"
     assert fake_hub.authorizations - {None} == {f"Bearer {TOKEN}"}
     parquet = {name for name in repo["files"] if name.endswith(".parquet")}
-    assert parquet == {f"{name}/train-00000-of-00001.parquet" for name in tf.CONFIGS}
+    assert parquet == {f"{name}/train-00000-of-00001.parquet" for name in CONFIGS}
     summary = json.loads((out / "summary.json").read_text())
-    for name in tf.CONFIGS:
+    for name in CONFIGS:
         table = pq.read_table(io.BytesIO(repo["files"][f"{name}/train-00000-of-00001.parquet"]))
         assert table.num_rows == summary["configs"][name]["rows"]
     assert table.schema.field("prompt").type.value_type.names == ["role", "content"]
@@ -237,9 +238,9 @@ def test_push_to_loopback_hub(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) 
     card = DatasetCard(repo["files"]["README.md"].decode())
     assert repo["commits"][-1] == "Dataset card" and fake_hub.validated
     # the YAML written by push_to_hub is kept (configs, dataset_info) and ours added
-    assert {c["config_name"] for c in card.data.configs} == set(tf.CONFIGS)
+    assert {c["config_name"] for c in card.data.configs} == set(CONFIGS)
     assert next(c for c in card.data.configs if c["config_name"] == "mixed").get("default") is True
-    assert {info["config_name"] for info in card.data.dataset_info} == set(tf.CONFIGS)
+    assert {info["config_name"] for info in card.data.dataset_info} == set(CONFIGS)
     assert card.data.license == "apache-2.0" and "stable-alignment" in card.data.tags
     assert 'load_dataset("someone/groups", "mixed", split="train")' in card.text
     assert all(TOKEN.encode() not in data for data in repo["files"].values())

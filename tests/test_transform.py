@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 from datasets import Dataset, Features, Value, load_dataset, load_from_disk
 from datasets.arrow_writer import ArrowWriter
 
+from pipeline import groups
 from pipeline import transform as tf
-from pipeline.records import RECORD_FEATURES
+from pipeline.errors import UserError
+from pipeline.records import RECORD_FEATURES, SCORE_FIELDS, new_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,37 +35,33 @@ def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def make_record(i: int, **overrides: Any) -> dict[str, Any]:
     """A complete ``ok`` record: question ``q<i>``, draft scored 3 before, revision 6 after."""
-    record = {
-        "run_id": "run-a",
-        "world_id": "w0",
-        "round": 0,
-        "agent_id": i,
-        "stance": "good",
-        "question": f"q{i}",
-        "draft": f"draft {i}",
-        "feedback": [
+    record = new_record(
+        run_id="run-a",
+        world_id="w0",
+        round=0,
+        agent_id=i,
+        stance="good",
+        question=f"q{i}",
+        draft=f"draft {i}",
+        feedback=[
             {"agent_id": 1, "rating": 5.0, "reason": f"fair {i}", "raw": "Rating: 5 ### Reason: fair"},
             {"agent_id": 2, "rating": 2.0, "reason": f"harsh {i}", "raw": "Rating: 2 ### Reason: harsh"},
         ],
-        "revision": f"revision {i}",
-        "scores": {
+        revision=f"revision {i}",
+        scores={
             "alignment_before": 3.0,
             "alignment_after": 6.0,
             "engagement_before": 4.0,
             "engagement_after": 5.0,
         },
-        "observer_reasons": dict.fromkeys(
-            ("alignment_before", "alignment_after", "engagement_before", "engagement_after"), "ok"
-        ),
-        "status": "ok",
-        "error": None,
-        "agent_model": "agent-lm",
-        "observer_model": "observer-lm",
-        "prompt_version": "v1",
-        "prompt_tokens": 10,
-        "completion_tokens": 20,
-        "calls": 10,
-    }
+        observer_reasons=dict.fromkeys(SCORE_FIELDS, "ok"),
+        agent_model="agent-lm",
+        observer_model="observer-lm",
+        prompt_version="v1",
+        prompt_tokens=10,
+        completion_tokens=20,
+        calls=10,
+    )
     return record | overrides
 
 
@@ -121,7 +120,7 @@ def by_prompt(dataset: Dataset) -> dict[str, dict[str, Any]]:
 
 
 def test_golden_groups_and_counts(run_dir: Path) -> None:
-    result = tf.transform([run_dir], ratio={"imitation": 1, "self_critic": 1, "realignment": 1})
+    result = tf.transform([run_dir], mix={"imitation": 1, "self_critic": 1, "realignment": 1})
     summary, configs = result.summary, result.configs
 
     assert summary["records"] == 7 and summary["failed_records"] == 1
@@ -136,23 +135,23 @@ def test_golden_groups_and_counts(run_dir: Path) -> None:
     assert imitation["q6"]["completions"] == ["draft 6"] and imitation["q6"]["scores"] == [3.0]
 
     self_critic = configs["self_critic"]
-    prompt0 = tf.PROMPT_TEMPLATE.format(
-        question="q0", draft="draft 0", instruction=tf.SELF_CRITIC_INSTRUCTION
+    prompt0 = groups.PROMPT_TEMPLATE.format(
+        question="q0", draft="draft 0", instruction=groups.SELF_CRITIC_INSTRUCTION
     )
     group0 = by_prompt(self_critic)[prompt0]
     assert group0["completions"] == ["fair 0", "fair 1", "harsh 0", "harsh 1"]
     assert group0["scores"] == [5.0, 5.0, 2.0, 2.0] and not group0["sft_only"]
-    prompt3 = tf.PROMPT_TEMPLATE.format(
-        question="q3", draft="draft 3", instruction=tf.SELF_CRITIC_INSTRUCTION
+    prompt3 = groups.PROMPT_TEMPLATE.format(
+        question="q3", draft="draft 3", instruction=groups.SELF_CRITIC_INSTRUCTION
     )
     assert prompt3 not in by_prompt(self_critic)  # null, off-scale and empty reason: nothing left
 
     realignment = configs["realignment"]
     assert sorted(row["num_sources"] for row in realignment) == [2]  # only q0 (records 0 and 1) qualifies
     (row,) = list(realignment)
-    expected = [f"fair {i}\nharsh {i}{tf.REALIGNMENT_SEPARATOR}revision 0" for i in (1, 0)]
+    expected = [f"fair {i}\nharsh {i}{groups.REALIGNMENT_SEPARATOR}revision 0" for i in (1, 0)]
     assert row["completions"] == expected and row["scores"] == [7.0, 6.0]
-    assert row["prompt"].endswith(tf.REALIGNMENT_INSTRUCTION)
+    assert row["prompt"].endswith(groups.REALIGNMENT_INSTRUCTION)
 
     kinds = summary["kinds"]
     assert kinds["imitation"]["skipped"] == {
@@ -189,25 +188,25 @@ def test_dedup_is_within_group_only(tmp_path: Path) -> None:
     assert same in imitation["q0"]["completions"] and same in imitation["q1"]["completions"]
 
 
-def test_mixing_ratio_and_seed(tmp_path: Path) -> None:
+def test_mix_and_seed(tmp_path: Path) -> None:
     records = [make_record(i) for i in range(40)]
     shard = write_shard(tmp_path / "s.arrow", records)
-    ratio = tf.parse_ratio("5:1:1")
-    first = tf.transform([shard], ratio=ratio, seed=1)
+    mix = tf.parse_mix("5:1:1")
+    first = tf.transform([shard], mix=mix, seed=1)
     # 40 groups of each kind available; 5:1:1 keeps 40 imitation, 8 self-critic, 8 realignment
     assert {k: v["kept_in_mixed"] for k, v in first.summary["kinds"].items()} == {
         "imitation": 40,
         "self_critic": 8,
         "realignment": 8,
     }
-    assert {k: v["available"] for k, v in first.summary["kinds"].items()} == dict.fromkeys(tf.KINDS, 40)
+    assert {k: v["available"] for k, v in first.summary["kinds"].items()} == dict.fromkeys(groups.KINDS, 40)
     mixed = first.configs["mixed"]
     assert len(mixed) == 56 and sorted(mixed["kind"]).count("self_critic") == 8
-    again = tf.transform([shard], ratio=ratio, seed=1).configs["mixed"]
-    other = tf.transform([shard], ratio=ratio, seed=2).configs["mixed"]
+    again = tf.transform([shard], mix=mix, seed=1).configs["mixed"]
+    other = tf.transform([shard], mix=mix, seed=2).configs["mixed"]
     assert again["prompt"] == mixed["prompt"]
     assert other["prompt"] != mixed["prompt"]
-    assert tf.mix_counts({"imitation": 10, "self_critic": 0, "realignment": 5}, ratio) == {
+    assert tf.mix_counts({"imitation": 10, "self_critic": 0, "realignment": 5}, mix) == {
         "imitation": 10,
         "self_critic": 0,
         "realignment": 2,
@@ -218,7 +217,7 @@ def test_rerun_reuses_the_cache(tmp_path: Path) -> None:
     shard = write_shard(tmp_path / "run" / "s.arrow", [make_record(i) for i in range(5)])
     first = tf.transform([shard.parent])
     second = tf.transform([shard.parent])
-    for name in tf.CONFIGS:
+    for name in groups.CONFIGS:
         assert first.configs[name]._fingerprint == second.configs[name]._fingerprint
     cached = {f["filename"] for f in first.configs["imitation"].cache_files}
     assert cached == {f["filename"] for f in second.configs["imitation"].cache_files}
@@ -232,19 +231,19 @@ def test_conversational_style(tmp_path: Path) -> None:
         [{"role": "assistant", "content": "revision 0"}],
         [{"role": "assistant", "content": "draft 0"}],
     ]
-    assert result.configs["mixed"].features == tf.CONVERSATIONAL_GROUP_FEATURES
+    assert result.configs["mixed"].features == groups.CONVERSATIONAL_GROUP_FEATURES
 
 
 def test_cli_writes_every_config_atomically(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    assert tf.main([str(run_dir), "--output", str(out), "--ratio", "1:1:1", "--seed", "3"]) == 0
+    assert tf.main([str(run_dir), "--output", str(out), "--mix", "1:1:1", "--seed", "3"]) == 0
     assert "imitation" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", *sorted(tf.CONFIGS), "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", *sorted(groups.CONFIGS), "summary.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     mixed = load_from_disk(str(out / "mixed"))
-    assert mixed.features == tf.GROUP_FEATURES
+    assert mixed.features == groups.GROUP_FEATURES
     assert json.loads((out / "summary.json").read_text())["configs"]["mixed"]["rows"] == len(mixed)
     # an existing output is never clobbered without --overwrite
     assert tf.main([str(run_dir), "--output", str(out)]) == 2
@@ -300,7 +299,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(
     assert "holds no records" in _error(capsys, [str(tmp_path / "none"), "-o", str(out)])
     write_shard(tmp_path / "failed" / "s.arrow", [make_record(0, status="failed")])
     assert "no usable examples" in _error(capsys, [str(tmp_path / "failed"), "-o", str(out)])
-    assert "--ratio" in _error(capsys, [str(tmp_path / "failed"), "-o", str(out), "--ratio", "5:1"])
+    assert "--mix" in _error(capsys, [str(tmp_path / "failed"), "-o", str(out), "--mix", "5:1"])
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -316,9 +315,48 @@ def test_a_kind_with_no_examples_gives_an_empty_config(tmp_path: Path) -> None:
     records = [make_record(i, scores=flat) for i in range(3)]
     out = tmp_path / "out"
     assert (
-        tf.main([str(write_shard(tmp_path / "s.arrow", records)), "--output", str(out), "--ratio", "1:1:1"])
+        tf.main([str(write_shard(tmp_path / "s.arrow", records)), "--output", str(out), "--mix", "1:1:1"])
         == 0
     )
     assert len(load_from_disk(str(out / "realignment"))) == 0
     assert len(load_from_disk(str(out / "imitation"))) == 3
     assert set(load_from_disk(str(out / "mixed"))["kind"]) == {"imitation", "self_critic"}
+
+
+def test_run_transform_is_the_command(run_dir: Path, tmp_path: Path) -> None:
+    config = tf.TransformConfig(inputs=[run_dir], output=tmp_path / "lib", mix="1:1:1", seed=3)
+    result = tf.run_transform(config)
+    assert result.output == (tmp_path / "lib").absolute()
+    assert sorted(p.name for p in result.output.iterdir()) == [
+        "README.md",
+        *sorted(groups.CONFIGS),
+        "summary.json",
+    ]
+    summary = json.loads((result.output / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary)) | {"output_format": "disk"}
+    for name in groups.CONFIGS:
+        assert load_from_disk(str(result.output / name))["prompt"] == result.configs[name]["prompt"]
+
+    # the command line writes the same data; a YAML file gives fields, flags override it
+    settings = tmp_path / "transform.yaml"
+    settings.write_text(f"output: {tmp_path / 'cli'}\nmix: '1:1:1'\nseed: 1\n")
+    assert tf.main([str(run_dir), "--config", str(settings), "--seed", "3"]) == 0
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text()) == summary
+    assert load_from_disk(str(tmp_path / "cli" / "mixed"))["prompt"] == result.configs["mixed"]["prompt"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"style": "chat"}, "--style 'chat': one of text, conversational"),
+        ({"output_format": "csv"}, "--output-format 'csv': one of disk, parquet, arrow"),
+        ({"input_format": "jsonl"}, "--input-format 'jsonl': one of records, reference"),
+        ({"mix": "5:1:-1"}, "--mix '5:1:-1': expected three non-negative numbers"),
+        ({"mix": 18061}, "quote it in YAML"),  # what YAML makes of an unquoted 5:1:1
+        ({"num_proc": 0}, "--num-proc 0"),
+        ({"inputs": []}, "no inputs"),
+    ],
+)
+def test_config_refuses_bad_values(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        tf.TransformConfig(**({"inputs": [str(tmp_path)], "output": str(tmp_path / "out")} | fields))
