@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import prompts
-from pipeline.evaluate import backend_spec
-from pipeline.llm import build_backend
+from pipeline.llm import backend_spec, build_backend
 from pipeline.questions import DEFAULT_PRIOR
+from pipeline.records import ASPECTS
 
 
 def pairs() -> list[tuple[str, str, str]]:
@@ -40,7 +40,7 @@ async def measure(observer: str) -> None:
     prompt_builders = {
         **{
             f"observer {aspect}": (lambda q, a, aspect=aspect: prompts.observer_messages(aspect, q, a))
-            for aspect in prompts.OBSERVER_ASPECTS
+            for aspect in ASPECTS
         },
         "neighbour": lambda q, a: prompts.neighbour_rating_messages(q, a, []),
     }

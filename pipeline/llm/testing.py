@@ -66,8 +66,8 @@ class FakeOpenAIServer:
     """An OpenAI-compatible chat server on 127.0.0.1, used as a context manager.
 
     ``reply(body) -> str`` chooses the answer text from the request's JSON body (default: a fixed
-    ``Rating: 5`` answer). ``requests`` lists the JSON bodies received; ``max_in_flight`` is the
-    peak number of requests handled at once.
+    ``Rating: 5`` answer). ``requests`` lists the JSON bodies received and ``headers`` their HTTP
+    headers (names in lower case); ``max_in_flight`` is the peak number of requests handled at once.
     """
 
     def __init__(
@@ -83,6 +83,7 @@ class FakeOpenAIServer:
         self.reply = reply or (lambda body: DEFAULT_REPLY)
         self.fault = fault
         self.requests: list[dict] = []
+        self.headers: list[dict[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.base_url = ""
@@ -97,6 +98,7 @@ class FakeOpenAIServer:
         try:
             body = await request.json()
             self.requests.append(body)
+            self.headers.append(dict(request.headers))
             await asyncio.sleep(self.delay)
             return await self._answer(body)
         finally:
