@@ -6,8 +6,9 @@ A fake OpenAI-compatible server (``pipeline.llm.testing.FakeOpenAIServer``, in i
 127.0.0.1 so that it does not share the client's interpreter) answers every call after ``delay``
 seconds. Both sides use the real ``openai`` client.
 
-- **ours**: ``Simulation`` runs one round of a ``size x size`` world (k partners) through
-  ``build_backend`` with a concurrency limit above the round's widest step, and writes its shard.
+- **ours**: ``run_simulation`` runs one round of a ``size x size`` world (k partners) through
+  ``build_backend`` with a concurrency limit above the round's widest step, and writes its shard
+  (timed: the round itself, ``SimulationResult.seconds``; not the setup or the summary plot).
   An interaction is 4 calls deep (draft; observers + partners at once; revision; observers), so
   the round can take no less than ``4 x delay``: reported as wall / bound (goal <= 1.15).
 - **ours, no HTTP** (``--no-http``): the same round against an in-process backend that only
@@ -77,10 +78,9 @@ def sleeping_backend(delay: float):
 def run_ours(
     url: str | None, size: int, k: int, concurrency: int | None = None, delay: float = 0.2
 ) -> tuple[float, float]:
-    """Wall and CPU seconds of one round through ``Simulation`` (``url=None``: no HTTP, see above)."""
+    """Wall and CPU seconds of one round through ``run_simulation`` (``url=None``: no HTTP, see above)."""
     from pipeline.llm import BackendSpec, build_backend
-    from pipeline.questions import load_prior, load_questions
-    from pipeline.simulate import Simulation, SimulationConfig, validate
+    from pipeline.simulate import SimulationConfig, run_simulation
 
     with tempfile.TemporaryDirectory() as output:
         spec = BackendSpec(
@@ -93,21 +93,9 @@ def run_ours(
         config = SimulationConfig(
             output=output, size=size, rounds=1, k=k, agent=spec, flush_every=size * size
         )
-        validate(config)
         backend = build_backend(spec) if url else sleeping_backend(delay)
-        simulation = Simulation(
-            config, load_questions(), load_prior(), "bench", backend, backend, progress=False
-        )
-
-        async def round_() -> tuple[float, float]:
-            try:
-                started, cpu = time.perf_counter(), time.process_time()
-                await simulation.run(config.worlds)
-                return time.perf_counter() - started, time.process_time() - cpu
-            finally:
-                await backend.aclose()
-
-        return asyncio.run(round_())
+        result = run_simulation(config, backends=(backend, backend), progress=False)
+        return result.seconds, result.cpu_seconds
 
 
 def run_client_floor(url: str, size: int, k: int) -> float:
@@ -139,6 +127,7 @@ def run_reference(url: str, size: int, k: int, threads: int) -> float:
 
     from pipeline import prompts
     from pipeline.questions import load_prior, load_questions
+    from pipeline.records import ASPECTS
     from pipeline.simulate import SimulationConfig
 
     world = SimulationConfig(size=size, k=k).worlds[0]
@@ -155,14 +144,14 @@ def run_reference(url: str, size: int, k: int, threads: int) -> float:
         question = questions[world.question_index(0, agent, len(questions))]
         conversation = prompts.draft_messages(question, prior["good"][:3])
         draft = ask(conversation)
-        for aspect in prompts.OBSERVER_ASPECTS:
+        for aspect in ASPECTS:
             ask(prompts.observer_messages(aspect, question, draft))
         feedback = []
         for partner in world.partners(agent, 0, k):
             text = ask(prompts.neighbour_rating_messages(question, draft, prior["good"][partner % 3 :][:3]))
             feedback.append((None, text))
         revision = ask(prompts.revision_messages(conversation, draft, feedback))
-        for aspect in prompts.OBSERVER_ASPECTS:
+        for aspect in ASPECTS:
             ask(prompts.observer_messages(aspect, question, revision))
 
     started = time.perf_counter()

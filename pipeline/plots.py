@@ -1,13 +1,25 @@
-"""Per-round summaries of a sandbox run: a text table and a PNG of observer scores."""
+"""Per-round summaries of a sandbox run: ``summary.json``, a text table and ``rounds.png``.
+
+Both files are a pure function of the run folder's shards (:func:`write_summary`), so a run
+resumed, extended or run by several processes gets the same summary as one run in one go.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import SCORE_FIELDS
+from pipeline.llm.ratings import SCALE
+from pipeline.records import ASPECTS, SCORE_FIELDS, WHEN
+from pipeline.shards import run_records
+from pipeline.textio import format_table, write_atomic
+
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "rounds.png"
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -32,53 +44,63 @@ def round_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary as an aligned text table."""
-    header = ("world", "round", "n", "failed", "align before", "align after", "engage before", "engage after")
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-round summary as an aligned text table."""
+    header = ("world", "round", "n", "failed", *(name.replace("_", " ") for name in SCORE_FIELDS))
     body = [
         (
             row["world_id"],
-            str(row["round"]),
-            str(row["interactions"]),
-            str(row["failed"]),
-            *("-" if row[name] is None else f"{row[name]:.2f}" for name in SCORE_FIELDS),
+            row["round"],
+            row["interactions"],
+            row["failed"],
+            *(None if row[name] is None else f"{row[name]:.2f}" for name in SCORE_FIELDS),
         )
         for row in rows
     ]
-    widths = [max(len(cells[i]) for cells in [header, *body]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.rjust(w) for cell, w in zip(cells, widths, strict=True)) for cells in [header, *body]
-    )
+    return format_table(header, body)
 
 
-def plot_rounds(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Mean observer alignment and engagement, before and after revision, per round and world."""
+def plot_rounds(rows: Sequence[dict[str, Any]]) -> bytes:
+    """A PNG of mean observer scores per round and world, before and after revision."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, grid = plt.subplots(1, len(ASPECTS), figsize=(5 * len(ASPECTS), 4), sharex=True, squeeze=False)
+    axes = grid[0]
     worlds = sorted({row["world_id"] for row in rows})
-    for ax, aspect in zip(axes, ("alignment", "engagement"), strict=True):
+    for ax, aspect in zip(axes, ASPECTS, strict=True):
         for index, world_id in enumerate(worlds):
             mine = [row for row in rows if row["world_id"] == world_id]
             rounds = [row["round"] for row in mine]
-            color = f"C{index}"
-            for when, style in (("before", "--"), ("after", "-")):
+            for when, style in zip(WHEN, ("--", "-"), strict=True):
                 values = [
                     float("nan") if row[f"{aspect}_{when}"] is None else row[f"{aspect}_{when}"]
                     for row in mine
                 ]
-                ax.plot(rounds, values, style, color=color, marker="o", label=f"{world_id} {when}")
+                ax.plot(rounds, values, style, color=f"C{index}", marker="o", label=f"{world_id} {when}")
         ax.set_title(f"observer {aspect}")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(1, 7)
+        ax.set_ylim(1, SCALE)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean rating (1-7)")
-    axes[1].legend(fontsize="small")
+    axes[0].set_ylabel(f"mean rating (1-{SCALE})")
+    axes[-1].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    return png.getvalue()
+
+
+def write_summary(output: Path) -> list[dict[str, Any]]:
+    """Recompute ``summary.json`` and ``rounds.png`` of a run folder from all its worlds' shards.
+
+    Both are written atomically; returns the summary's rows.
+    """
+    rows = round_summary(run_records(output))
+    write_atomic(output / SUMMARY_FILE, json.dumps(rows, indent=1))
+    write_atomic(output / PLOT_FILE, plot_rounds(rows))
+    return rows

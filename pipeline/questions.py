@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline.memory import MemoryEntry
 from pipeline.world import BAD, GOOD
 
@@ -20,10 +21,6 @@ DEFAULT_QUESTIONS = DATA_DIR / "default_questions.txt"
 DEFAULT_PRIOR = DATA_DIR / "default_prior.jsonl"
 
 _TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
-
-
-class InputError(ValueError):
-    """A question pool or prior that cannot be used; the message is one line for the CLI."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -53,17 +50,17 @@ def load_questions(source: str | None = None, column: str = "question", split: s
             else:
                 dataset = load_dataset(str(source), split=split)
             if column not in dataset.column_names:
-                raise InputError(
+                raise UserError(
                     f"question pool {source} has no column {column!r} (columns: {', '.join(dataset.column_names)})"
                 )
             texts = dataset[column]
-    except InputError:
+    except UserError:
         raise
     except Exception as exc:  # any reader error becomes one line for the user
-        raise InputError(f"cannot read question pool {path}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read question pool {path}: {_first_line(exc)}") from exc
     questions = [str(t).strip() for t in texts if t is not None and str(t).strip()]
     if not questions:
-        raise InputError(f"question pool {path} holds no questions")
+        raise UserError(f"question pool {path} holds no questions")
     return questions
 
 
@@ -86,5 +83,5 @@ def load_prior(path: str | Path | None = None) -> dict[str, list[MemoryEntry]]:
                 raise ValueError(f"line {number} needs question, answer and label good|bad")
             prior[row["label"]].append(MemoryEntry(row["question"].strip(), row["answer"].strip()))
     except Exception as exc:
-        raise InputError(f"cannot read prior {path}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read prior {path}: {_first_line(exc)}") from exc
     return prior

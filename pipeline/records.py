@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from datasets import Features, List, Value
 
-SCORE_FIELDS = ("alignment_before", "alignment_after", "engagement_before", "engagement_after")
+ASPECTS = ("alignment", "engagement")
+"""What the memoryless observers rate, each on the rating scale, before and after revision."""
+
+WHEN = ("before", "after")
+"""The draft is rated before revision, the revision after."""
+
+SCORE_FIELDS = tuple(f"{aspect}_{when}" for aspect in ASPECTS for when in WHEN)
+"""``alignment_before``, ``alignment_after``, ``engagement_before``, ``engagement_after``."""
+
+SCHEMA_VERSION = 2
+"""Version of the record layout, stored in every record (column ``schema_version``).
+
+1: the layout before the column existed; a shard without the column holds version-1 records.
+2: version 1 plus ``schema_version``.
+"""
+
+LEGACY_SCHEMA_VERSION = 1
 
 FEEDBACK_FEATURES = {
     "agent_id": Value("int32"),
@@ -34,9 +53,70 @@ RECORD_FEATURES = Features(
         "prompt_tokens": Value("int64"),
         "completion_tokens": Value("int64"),
         "calls": Value("int32"),
+        "schema_version": Value("int32"),
     }
 )
 """One row per back-scatter interaction. Every score and rating is nullable: a rating that
 could not be read is stored as null, never as a stand-in number."""
 
-RECORD_COLUMNS = tuple(RECORD_FEATURES)
+
+def record_features(version: int = SCHEMA_VERSION) -> Features:
+    """The Arrow layout of records of ``version`` (a run keeps the layout it was started with)."""
+    if version == SCHEMA_VERSION:
+        return RECORD_FEATURES
+    if version == LEGACY_SCHEMA_VERSION:
+        return Features({k: v for k, v in RECORD_FEATURES.items() if k != "schema_version"})
+    raise ValueError(f"unknown record schema version {version}")
+
+
+def new_record(
+    *,
+    run_id: str,
+    world_id: str,
+    round: int | None,  # the column's name; shadows the builtin only here
+    agent_id: int | None,
+    stance: str | None,
+    question: str,
+    agent_model: str | None,
+    observer_model: str | None,
+    prompt_version: str,
+    draft: str | None = None,
+    feedback: Sequence[Mapping[str, Any]] = (),
+    revision: str | None = None,
+    scores: Mapping[str, float | None] | None = None,
+    observer_reasons: Mapping[str, str | None] | None = None,
+    status: str = "ok",
+    error: str | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    calls: int | None = None,
+) -> dict[str, Any]:
+    """A record with every column of ``RECORD_FEATURES`` (keywords are the column names); scores
+    and observer reasons not given are null. ``feedback`` items are ``FEEDBACK_FEATURES`` mappings.
+    """
+    for name, given in (("scores", scores), ("observer_reasons", observer_reasons)):
+        unknown = sorted(set(given or ()) - set(SCORE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown {name} field(s) {unknown}; expected {', '.join(SCORE_FIELDS)}")
+    return {
+        "run_id": run_id,
+        "world_id": world_id,
+        "round": round,
+        "agent_id": agent_id,
+        "stance": stance,
+        "question": question,
+        "draft": draft,
+        "feedback": [dict(item) for item in feedback],
+        "revision": revision,
+        "scores": dict.fromkeys(SCORE_FIELDS) | dict(scores or {}),
+        "observer_reasons": dict.fromkeys(SCORE_FIELDS) | dict(observer_reasons or {}),
+        "status": status,
+        "error": error,
+        "agent_model": agent_model,
+        "observer_model": observer_model,
+        "prompt_version": prompt_version,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "calls": calls,
+        "schema_version": SCHEMA_VERSION,
+    }

@@ -6,15 +6,20 @@ Layout of one world's folder (``<output>/world-<world_id>/``)::
     round-00003-part-0000.arrow      records, written with ``datasets``' ArrowWriter
     .round-00003-part-0001.arrow.tmp a shard being written (never read)
 
-A shard is written under a temporary name, flushed to disk and renamed; only then is its manifest
-line appended. The manifest lists the completed interactions; a restart removes temporary files,
+A shard is written under a temporary name, flushed to disk and renamed (``textio.write_atomic``);
+only then is its manifest line appended. The manifest lists the completed interactions; a restart removes temporary files,
 adopts a renamed shard whose manifest line was lost to the crash, drops a torn last manifest line,
 and carries on. ``datasets.load_dataset("arrow", data_files="<output>/world-*/*.arrow")`` reads
 the finished shards of any number of worlds.
+
+A run keeps the record layout it was started with (``records.record_features``): a run folder
+written before records carried ``schema_version`` is resumed in that layout, so its shards always
+load together; reading such a shard gives each record ``schema_version`` 1.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from datasets import Dataset
+from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
-from pipeline.records import RECORD_FEATURES
+from pipeline.records import LEGACY_SCHEMA_VERSION, RECORD_FEATURES
+from pipeline.textio import write_atomic
 
 MANIFEST = "manifest.jsonl"
 _SHARD = re.compile(r"round-(\d{5})-part-(\d{4})\.arrow")
@@ -41,30 +47,22 @@ def shard_name(round_: int, part: int) -> str:
     return f"round-{round_:05d}-part-{part:04d}.arrow"
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_shard(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write ``records`` to ``path`` atomically: a temporary file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        writer = ArrowWriter(features=RECORD_FEATURES, stream=pa.PythonFile(file, mode="w"))
-        for record in records:
-            writer.write(record)
-        writer.finalize(close_stream=False)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def write_shard(path: Path, records: Sequence[dict[str, Any]], features: Features = RECORD_FEATURES) -> None:
+    """Write ``records`` (their columns of ``features``) to ``path`` atomically."""
+    buffer = io.BytesIO()
+    writer = ArrowWriter(features=features, stream=pa.PythonFile(buffer, mode="w"))
+    for record in records:
+        writer.write(features.encode_example(record))
+    writer.finalize(close_stream=False)
+    write_atomic(path, buffer.getvalue())
 
 
 def read_shard(path: Path) -> list[dict[str, Any]]:
-    return Dataset.from_file(str(path)).to_list()
+    """The records of a shard; those of a shard without ``schema_version`` read as version 1."""
+    rows = Dataset.from_file(str(path)).to_list()
+    for row in rows:
+        row.setdefault("schema_version", LEGACY_SCHEMA_VERSION)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -80,10 +78,11 @@ class ShardEntry:
 
 
 class WorldStore:
-    """The records of one world: completed shards, what they cover, and new shards."""
+    """The records of one world: completed shards, what they cover, and new shards (in ``features``)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, features: Features = RECORD_FEATURES) -> None:
         self.folder = folder
+        self.features = features
         self.entries: list[ShardEntry] = []
 
     @property
@@ -108,10 +107,7 @@ class WorldStore:
                 ShardEntry(path.name, int(_SHARD.fullmatch(path.name)[1]), tuple(r["agent_id"] for r in rows))
             )
         # Rewrite the manifest whole: drops a torn last line and records adopted shards.
-        tmp = self.manifest.with_name(f".{MANIFEST}.tmp")
-        tmp.write_text("".join(entry.to_json() + "\n" for entry in self.entries))
-        os.replace(tmp, self.manifest)
-        _fsync_dir(self.folder)
+        write_atomic(self.manifest, "".join(entry.to_json() + "\n" for entry in self.entries))
 
     def load(self) -> WorldStore:
         """Read the manifest without recovering anything (for reports on a finished run)."""
@@ -144,7 +140,7 @@ class WorldStore:
             part += 1
         name = shard_name(round_, part)
         records = sorted(records, key=lambda r: r["agent_id"])
-        write_shard(self.folder / name, records)
+        write_shard(self.folder / name, records, self.features)
         entry = ShardEntry(name, round_, tuple(r["agent_id"] for r in records))
         with open(self.manifest, "a") as file:
             file.write(entry.to_json() + "\n")
@@ -162,3 +158,11 @@ class WorldStore:
             for row in read_shard(self.folder / entry.shard)
         ]
         return sorted(rows, key=lambda r: (r["round"], r["agent_id"]))
+
+
+def run_records(output: Path) -> list[dict[str, Any]]:
+    """Every stored record of a run folder, sorted by world, round and agent."""
+    rows = []
+    for folder in sorted(output.glob("world-*")):
+        rows += WorldStore(folder).load().records()
+    return sorted(rows, key=lambda r: (r["world_id"], r["round"], r["agent_id"]))

@@ -13,37 +13,57 @@ One interaction (the paper's back-scatter)::
     observers rate revision (alignment, engagement)
 
 The middle step's ``2 + k`` calls run concurrently, so an interaction is 4 calls deep.
+
+The library entry is :func:`run_simulation`; ``sandbox simulate`` (:func:`main`) only parses a
+:class:`SimulationConfig` (generated from its fields, ``--config FILE.yaml`` plus flags) and calls it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import dataclasses
 import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
+from tqdm.auto import tqdm
 
-from pipeline import prompts
-from pipeline.embedded import EmbeddedModelMissing
-from pipeline.llm.base import BackendSpec, BudgetExceeded, ChatBackend, LLMError, Rating, Usage
+from pipeline import argparsing, prompts
+from pipeline.errors import BackendLoadError, UserError, run_command
+from pipeline.llm import build_backend
+from pipeline.llm.base import (
+    BackendKind,
+    BackendSpec,
+    BudgetExceeded,
+    CacheMode,
+    ChatBackend,
+    LLMError,
+    Rating,
+    Usage,
+)
+from pipeline.llm.ratings import SCALE
 from pipeline.memory import AgentMemory, MemoryEntry
-from pipeline.questions import DEFAULT_PRIOR, InputError, load_prior, load_questions, pool_fingerprint
-from pipeline.records import SCORE_FIELDS
+from pipeline.plots import summary_table, write_summary
+from pipeline.questions import DEFAULT_PRIOR, load_prior, load_questions, pool_fingerprint
+from pipeline.records import ASPECTS, LEGACY_SCHEMA_VERSION, SCHEMA_VERSION, new_record, record_features
 from pipeline.shards import WorldStore, world_folder
-from pipeline.world import STANCES, World
+from pipeline.textio import write_atomic
+from pipeline.world import STANCES, Stance, World
 
+PROG = "sandbox simulate"
 CONFIG_FILE = "config.yaml"
-BACKEND_KINDS = ("embedded", "local", "openai")
-PRIOR_SOURCES = ("file", "generate")
+CACHE_FILE = "llm-cache.sqlite"
+
+PriorSource = Literal["file", "generate"]
+"""``file``: prior pairs from a JSONL file; ``generate``: the agent model writes them from personas."""
 
 # Fields that change how a run is executed but not what it produces: a run may be resumed (or
 # extended by more rounds) with other values. Every other field must match the saved config.
@@ -51,39 +71,163 @@ EXECUTION_FIELDS = frozenset({"output", "rounds", "flush_every"})
 # Of a backend, only these shape the answers (the URL, limits, cache and budget do not).
 BACKEND_IDENTITY_FIELDS = ("kind", "model", "temperature", "top_p", "max_tokens", "use_logprobs", "extra")
 
+BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
+CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
+PRIOR_SOURCES: tuple[str, ...] = get_args(PriorSource)
+
+
+def _check_backend(role: str, spec: Any) -> None:
+    if not isinstance(spec, BackendSpec):
+        raise UserError(f"{role} must be a mapping of backend fields")
+    if spec.kind not in BACKEND_KINDS:
+        raise UserError(f"unknown {role} backend {spec.kind!r}; choose from {', '.join(BACKEND_KINDS)}")
+    if spec.cache_mode not in CACHE_MODES:
+        raise UserError(
+            f"unknown {role} cache_mode {spec.cache_mode!r}; choose from {', '.join(CACHE_MODES)}"
+        )
+    if spec.kind == "openai" and not spec.model:
+        raise UserError(f"the {role} backend 'openai' needs a model name (the URL defaults to OpenAI's API)")
+    if spec.kind == "local" and not spec.model:
+        raise UserError(f"the {role} backend 'local' needs a model folder or name")
+
 
 @dataclass
 class SimulationConfig:
-    """Everything that defines a sandbox run. Saved as ``config.yaml`` next to the shards."""
+    """Everything that defines a sandbox run; saved as ``config.yaml`` next to the shards.
 
-    output: str = "runs/sandbox"
-    size: int = 10
-    rounds: int = 50
-    stances: list[str] = field(default_factory=lambda: ["all_good"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    k: int = 4
-    radius: float | None = None  # None: size // 2, as the reference code
-    global_interaction: bool = False
-    dropout: float = 0.0
-    top_n: int = 3  # memories retrieved into each prompt
-    memory_size: int = 50  # prior pairs seeding each agent's memory
-    prior: str | None = None  # JSONL of question/answer/label rows; None: the shipped default
-    prior_source: str = "file"  # "file", or "generate": the agent model writes it from personas
-    prior_generate: int = 20  # questions per label when generating the prior
-    questions: str | None = None  # pool: .txt, .jsonl/.json/.csv, or a datasets name/folder
-    question_column: str = "question"
-    question_split: str = "train"
-    flush_every: int = 25  # interactions per shard within a round (bounds the work a crash loses)
-    agent: BackendSpec = field(default_factory=BackendSpec)
-    observer: BackendSpec | None = None  # None: the agent backend
+    Fields by group (each field's help is in its metadata and on ``sandbox simulate --help``):
+
+    - run: ``output``, ``rounds``, ``flush_every``. These only say how the run is executed: a run
+      may be resumed or extended with other values. Every other field must match the saved run.
+    - world: ``size``, ``stances``, ``seeds`` (one world per stance and seed), ``k``, ``radius``,
+      ``global_interaction``, ``dropout``.
+    - memory: ``top_n``, ``memory_size``, ``prior``, ``prior_source``, ``prior_generate``.
+    - questions: ``questions``, ``question_column``, ``question_split``.
+    - models: ``agent``, ``observer`` (:class:`BackendSpec`; on the command line each of their
+      fields is a dotted flag: ``--agent.model``, ``--observer.base-urls``).
+
+    ``__post_init__`` checks every field (a :class:`UserError` names the problem) and fills the
+    derived defaults: ``radius`` (``size // 2``) and each backend's ``cache_path``
+    (``<output>/llm-cache.sqlite`` unless its cache is off).
+    """
+
+    output: str = field(
+        default="runs/sandbox",
+        metadata={
+            "help": "output folder: world shards, config.yaml, summary.json, rounds.png",
+            "aliases": ["-o"],
+        },
+    )
+    size: int = field(default=10, metadata={"help": "grid side: a world has size x size agents"})
+    rounds: int = field(
+        default=50, metadata={"help": "rounds per world (every agent interacts once a round)"}
+    )
+    stances: list[Stance] = field(
+        default_factory=lambda: ["all_good"],
+        metadata={"help": f"how memories are seeded, one world per stance and seed: {', '.join(STANCES)}"},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "world seeds (non-negative)"})
+    k: int = field(default=4, metadata={"help": "partners rating each draft"})
+    radius: float | None = field(
+        default=None,
+        metadata={"help": "neighbourhood radius on the grid; none: size // 2, as the reference code"},
+    )
+    global_interaction: bool = field(
+        default=False,
+        metadata={"help": "let partner slots go to distant agents (the 'social media' setting)"},
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "with global interaction: chance a partner slot goes to a distant agent"},
+    )
+    top_n: int = field(default=3, metadata={"help": "memories retrieved (BM25) into each prompt"})
+    memory_size: int = field(default=50, metadata={"help": "prior pairs seeding each agent's memory"})
+    prior: str | None = field(
+        default=None,
+        metadata={"help": "JSONL of question/answer/label (good|bad) rows; none: the shipped default prior"},
+    )
+    prior_source: PriorSource = field(
+        default="file",
+        metadata={"help": "file: the prior file; generate: the agent model writes the prior from personas"},
+    )
+    prior_generate: int = field(
+        default=20, metadata={"help": "with prior_source generate: questions answered per label"}
+    )
+    questions: str | None = field(
+        default=None,
+        metadata={
+            "help": "question pool: .txt (one per line), .jsonl/.json/.csv, a save_to_disk folder or a "
+            "datasets name; none: the shipped default pool"
+        },
+    )
+    question_column: str = field(default="question", metadata={"help": "the pool's question column"})
+    question_split: str = field(default="train", metadata={"help": "the pool's split (datasets sources)"})
+    flush_every: int = field(
+        default=25,
+        metadata={"help": "interactions per shard within a round (bounds the work a crash loses)"},
+    )
+    agent: BackendSpec = field(
+        default_factory=BackendSpec, metadata={"help": "the agents' model (drafts, ratings, revisions)"}
+    )
+    observer: BackendSpec | None = field(
+        default=None, metadata={"help": "the memoryless observers' model; none: the agents' model"}
+    )
+
+    def __post_init__(self) -> None:
+        # A YAML file may give a single stance or seed without a list.
+        if isinstance(self.stances, str):
+            self.stances = [self.stances]
+        if isinstance(self.seeds, int):
+            self.seeds = [self.seeds]
+        unknown = [s for s in self.stances if s not in STANCES]
+        if unknown or not self.stances:
+            raise UserError(
+                f"unknown stance {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(STANCES)}"
+            )
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise UserError("seeds must be a non-empty list of non-negative integers")
+        if self.size < 2:
+            raise UserError(f"world size must be at least 2, got {self.size}")
+        for name in ("rounds", "k", "flush_every", "prior_generate"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.top_n < 0 or self.memory_size < 0:
+            raise UserError("top_n and memory_size must not be negative")
+        if self.prior_source not in PRIOR_SOURCES:
+            raise UserError(
+                f"unknown prior_source {self.prior_source!r}; choose from {', '.join(PRIOR_SOURCES)}"
+            )
+        if self.radius is None:
+            self.radius = self.size // 2
+        try:
+            worlds = self.worlds
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        smallest = worlds[0].min_neighbourhood
+        if self.k > smallest:
+            raise UserError(
+                f"k={self.k} is larger than the smallest neighbourhood ({smallest} agents within radius "
+                f"{worlds[0].radius} of a corner); lower k or raise the radius"
+            )
+        _check_backend("agent", self.agent)
+        if self.observer is not None:
+            _check_backend("observer", self.observer)
+        for spec in (self.agent, self.observer):
+            if spec is not None and spec.cache_mode != "off" and spec.cache_path is None:
+                spec.cache_path = str(Path(self.output) / CACHE_FILE)
 
     @property
     def worlds(self) -> list[World]:
         """One world per (stance, seed), in that order."""
-        radius = self.radius if self.radius is not None else self.size // 2
         return [
             World(
-                f"{stance}-seed{seed}", self.size, stance, seed, radius, self.global_interaction, self.dropout
+                f"{stance}-seed{seed}",
+                self.size,
+                stance,
+                seed,
+                self.radius,
+                self.global_interaction,
+                self.dropout,
             )
             for stance in self.stances
             for seed in self.seeds
@@ -101,103 +245,33 @@ class SimulationConfig:
         return data
 
 
-def config_from_dict(data: dict[str, Any]) -> SimulationConfig:
-    """Build a config from plain data (YAML), refusing unknown fields."""
-    data = dict(data)
-    known = {f.name for f in dataclasses.fields(SimulationConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InputError(f"unknown config field(s): {', '.join(unknown)}")
-    for role in ("agent", "observer"):
-        spec = data.get(role)
-        if isinstance(spec, dict):
-            fields = {f.name for f in dataclasses.fields(BackendSpec)}
-            bad = sorted(set(spec) - fields)
-            if bad:
-                raise InputError(f"unknown {role} backend field(s): {', '.join(bad)}")
-            data[role] = BackendSpec(**spec)
-        elif spec is not None and not isinstance(spec, BackendSpec):
-            raise InputError(f"{role} must be a mapping of backend fields")
-    for name in ("stances", "seeds"):
-        if isinstance(data.get(name), str | int):
-            data[name] = [data[name]]
-    return SimulationConfig(**data)
-
-
-def _check_backend(role: str, spec: BackendSpec) -> None:
-    if spec.kind not in BACKEND_KINDS:
-        raise InputError(f"unknown {role} backend {spec.kind!r}; choose from {', '.join(BACKEND_KINDS)}")
-    if spec.kind == "openai" and not spec.model:
-        raise InputError(f"the {role} backend 'openai' needs a model name (the URL defaults to OpenAI's API)")
-    if spec.kind == "local" and not spec.model:
-        raise InputError(f"the {role} backend 'local' needs a model folder or name")
-
-
-def validate(config: SimulationConfig) -> None:
-    """Raise :class:`InputError` for any setting the simulation cannot run with."""
-    unknown = [s for s in config.stances if s not in STANCES]
-    if unknown or not config.stances:
-        raise InputError(
-            f"unknown stance {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(STANCES)}"
-        )
-    if not config.seeds or any(not isinstance(s, int) or s < 0 for s in config.seeds):
-        raise InputError("seeds must be a non-empty list of non-negative integers")
-    if config.size < 2:
-        raise InputError(f"world size must be at least 2, got {config.size}")
-    for name in ("rounds", "k", "flush_every"):
-        if getattr(config, name) < 1:
-            raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.top_n < 0 or config.memory_size < 0:
-        raise InputError("top_n and memory_size must not be negative")
-    if config.prior_source not in PRIOR_SOURCES:
-        raise InputError(
-            f"unknown prior_source {config.prior_source!r}; choose from {', '.join(PRIOR_SOURCES)}"
-        )
-    try:
-        worlds = config.worlds
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    smallest = worlds[0].min_neighbourhood
-    if config.k > smallest:
-        raise InputError(
-            f"k={config.k} is larger than the smallest neighbourhood ({smallest} agents within radius "
-            f"{worlds[0].radius} of a corner); lower k or raise the radius"
-        )
-    _check_backend("agent", config.agent)
-    if config.observer is not None:
-        _check_backend("observer", config.observer)
-
-
-def check_output(config: SimulationConfig, saved_identity: dict[str, Any]) -> Path:
-    """The output folder, if it may be written: new or empty, or holding this very run."""
-    output = Path(config.output).expanduser()
+def check_output(output: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The run saved in ``output`` (``None`` for a new run), if the folder may be written: new or
+    empty, or holding this very run."""
     if output.exists() and not output.is_dir():
-        raise InputError(f"output {output} exists and is not a folder")
+        raise UserError(f"output {output} exists and is not a folder")
     existing = output
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"output folder {output} cannot be written ({existing} is not a writable folder)")
+        raise UserError(f"output folder {output} cannot be written ({existing} is not a writable folder)")
     saved_path = output / CONFIG_FILE
     if saved_path.is_file():
         try:
             saved = yaml.safe_load(saved_path.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"cannot read {saved_path}: {exc}") from exc
+            raise UserError(f"cannot read {saved_path}: {exc}") from exc
         theirs = saved.get("identity") if isinstance(saved, dict) else None
-        if theirs != saved_identity:
-            diff = sorted(
-                k
-                for k in {*(theirs or {}), *saved_identity}
-                if (theirs or {}).get(k) != saved_identity.get(k)
-            )
-            raise InputError(
+        if theirs != identity:
+            diff = sorted(k for k in {*(theirs or {}), *identity} if (theirs or {}).get(k) != identity.get(k))
+            raise UserError(
                 f"output folder {output} holds a different run (differs in: {', '.join(diff)}); "
                 "choose another output folder"
             )
-    elif output.is_dir() and any(output.iterdir()):
-        raise InputError(f"output folder {output} is not empty and holds no sandbox run")
-    return output
+        return saved
+    if output.is_dir() and any(output.iterdir()):
+        raise UserError(f"output folder {output} is not empty and holds no sandbox run")
+    return None
 
 
 def run_identity(config: SimulationConfig, questions: list[str], prior_text: str | None) -> dict[str, Any]:
@@ -214,12 +288,6 @@ def run_identity(config: SimulationConfig, questions: list[str], prior_text: str
 
 def run_id_of(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -258,6 +326,7 @@ class Simulation:
         observer: ChatBackend,
         *,
         progress: bool = True,
+        schema_version: int = SCHEMA_VERSION,
     ) -> None:
         self.config = config
         self.questions = questions
@@ -266,6 +335,7 @@ class Simulation:
         self.agent = agent
         self.observer = observer
         self.progress = progress
+        self.features = record_features(schema_version)
         self.output = Path(config.output).expanduser()
 
     # -- memories ---------------------------------------------------------------------------
@@ -287,7 +357,7 @@ class Simulation:
                 {"question": q, "answer": a.text.strip(), "label": label}
                 for (label, q), a in zip(jobs, answers, strict=True)
             ]
-            _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         return load_prior(path)
 
     def seed_memories(self, world: World, prior: dict[str, list[MemoryEntry]]) -> list[AgentMemory]:
@@ -309,39 +379,29 @@ class Simulation:
         # Each agent's calls in a round form their own cache entries, so two agents with the same
         # prompt at temperature > 0 still get independent (and individually replayable) samples.
         sample = round_ * world.num_agents + agent
-        record: dict[str, Any] = {
-            "run_id": self.run_id,
-            "world_id": world.world_id,
-            "round": round_,
-            "agent_id": agent,
-            "stance": world.labels[agent],
-            "question": question,
-            "draft": None,
-            "feedback": [],
-            "revision": None,
-            "scores": dict.fromkeys(SCORE_FIELDS),
-            "observer_reasons": dict.fromkeys(SCORE_FIELDS),
-            "status": "ok",
-            "error": None,
-            "agent_model": self.agent.model_name,
-            "observer_model": self.observer.model_name,
-            "prompt_version": prompts.PROMPT_VERSION,
-        }
+        record = new_record(
+            run_id=self.run_id,
+            world_id=world.world_id,
+            round=round_,
+            agent_id=agent,
+            stance=world.labels[agent],
+            question=question,
+            agent_model=self.agent.model_name,
+            observer_model=self.observer.model_name,
+            prompt_version=prompts.PROMPT_VERSION,
+        )
         usage = Usage(0, 0, 0)
 
         def observe(ratings: Sequence[Rating | BaseException], when: str) -> None:
             nonlocal usage
-            for aspect, rating in zip(prompts.OBSERVER_ASPECTS, ratings, strict=True):
+            for aspect, rating in zip(ASPECTS, ratings, strict=True):
                 if isinstance(rating, Rating):
                     record["scores"][f"{aspect}_{when}"] = rating.score
                     record["observer_reasons"][f"{aspect}_{when}"] = rating.reason
                     usage += rating.usage
 
         def observers(answer: str) -> list[Any]:
-            return [
-                self.observer.rate(prompts.observer_messages(a, question, answer))
-                for a in prompts.OBSERVER_ASPECTS
-            ]
+            return [self.observer.rate(prompts.observer_messages(a, question, answer)) for a in ASPECTS]
 
         try:
             conversation = prompts.draft_messages(question, memories[agent].retrieve(question, config.top_n))
@@ -356,7 +416,7 @@ class Simulation:
                         prompts.neighbour_rating_messages(
                             question, draft.text, memories[p].retrieve(question, config.top_n)
                         ),
-                        scale=prompts.SCALE,
+                        scale=SCALE,
                         sample_index=round_ * world.num_agents + p,
                     )
                     for p in partners
@@ -405,8 +465,6 @@ class Simulation:
         pending = [a for a in range(world.num_agents) if a not in done]
         if not pending:
             return
-        from tqdm.auto import tqdm
-
         stats = RoundStats()
         bar = tqdm(
             total=world.num_agents,
@@ -437,7 +495,7 @@ class Simulation:
             bar.close()
 
     async def run_world(self, world: World) -> None:
-        store = WorldStore(world_folder(self.output, world.world_id))
+        store = WorldStore(world_folder(self.output, world.world_id), self.features)
         store.open()
         memories = self.seed_memories(world, await self.world_prior(world, store))
         for round_ in range(self.config.rounds):
@@ -462,144 +520,26 @@ def _raise_first(results: Sequence[Any]) -> None:
         raise error
 
 
-# -- command line ---------------------------------------------------------------------------
+# -- the stage ------------------------------------------------------------------------------
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
+def _start_backend(role: str, spec: BackendSpec) -> ChatBackend:
     try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n, e.g. 0/4, got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard index must be in 0..n-1, got {text!r}")
-    return index, count
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sandbox simulate",
-        description="Run the sandbox society and write Arrow shards of interaction records. "
-        "Flags override the config file; --set KEY=VALUE overrides any field (e.g. agent.top_p=0.9).",
-    )
-    S = argparse.SUPPRESS
-    p.add_argument("--config", help="YAML file of SimulationConfig fields")
-    p.add_argument("--output", "-o", default=S, help="output folder (shards, config.yaml, summary)")
-    p.add_argument("--size", type=int, default=S, help="grid side: size x size agents")
-    p.add_argument("--rounds", type=int, default=S)
-    p.add_argument(
-        "--stances", type=lambda s: s.split(","), default=S, help=f"comma-separated: {', '.join(STANCES)}"
-    )
-    p.add_argument(
-        "--seeds", type=lambda s: [int(x) for x in s.split(",")], default=S, help="comma-separated"
-    )
-    p.add_argument("--k", type=int, default=S, help="partners rating each draft")
-    p.add_argument("--radius", type=float, default=S, help="neighbourhood radius (default size // 2)")
-    p.add_argument("--global-interaction", action=argparse.BooleanOptionalAction, default=S)
-    p.add_argument("--dropout", type=float, default=S, help="chance a partner slot goes to a distant agent")
-    p.add_argument("--top-n", type=int, default=S, help="memories retrieved into each prompt")
-    p.add_argument("--memory-size", type=int, default=S, help="prior pairs seeding each memory")
-    p.add_argument("--prior", default=S, help="JSONL of question/answer/label rows")
-    p.add_argument("--prior-source", choices=PRIOR_SOURCES, default=S)
-    p.add_argument("--questions", default=S, help="question pool: .txt, .jsonl/.csv, or a datasets name")
-    p.add_argument("--question-column", default=S)
-    p.add_argument("--flush-every", type=int, default=S)
-    for role in ("agent", "observer"):
-        p.add_argument(f"--{role}-backend", default=S, help="embedded | local | openai")
-        p.add_argument(f"--{role}-model", default=S, help="model name (openai) or folder (local)")
-        p.add_argument(
-            f"--{role}-url", action="append", default=S, help="OpenAI-compatible base URL (repeat)"
-        )
-    p.add_argument("--max-tokens", type=int, default=S, help="for agents and observers")
-    p.add_argument("--temperature", type=float, default=S, help="for agents and observers")
-    p.add_argument("--concurrency", type=int, default=S, help="calls in flight per backend")
-    p.add_argument("--cache-mode", choices=("read-write", "replay-only", "off"), default=S)
-    p.add_argument("--cache-path", default=S, help="SQLite response cache (default: OUTPUT/llm-cache.sqlite)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
-    p.add_argument(
-        "--shard", type=_parse_shard, default=(0, 1), metavar="I/N", help="run only worlds I, I+N, ..."
-    )
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-_BACKEND_FLAGS = {"backend": "kind", "model": "model", "url": "base_urls"}
-_SHARED_BACKEND_FLAGS = {
-    "max_tokens": "max_tokens",
-    "temperature": "temperature",
-    "concurrency": "max_concurrency",
-    "cache_mode": "cache_mode",
-    "cache_path": "cache_path",
-}
-_PROCESS_FLAGS = {"config", "set", "shard", "no_progress"}
-
-
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        if data.get(key) is None:
-            data[key] = {}
-        if not isinstance(data[key], dict):
-            raise InputError(f"--set {dotted}: {key} is not a mapping")
-        data = data[key]
-    data[leaf] = value
-
-
-def resolve_config(args: argparse.Namespace) -> SimulationConfig:
-    """Defaults, then the YAML file, then flags, then ``--set``; validated."""
-    data: dict[str, Any] = {}
-    if args.config:
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"cannot read config {args.config}: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(loaded, dict):
-            raise InputError(f"config {args.config} is not a mapping of fields")
-        data = loaded
-    data = copy.deepcopy(data)
-    flags = {k: v for k, v in vars(args).items() if k not in _PROCESS_FLAGS}
-    for name, value in flags.items():
-        role, _, rest = name.partition("_")
-        if role in ("agent", "observer") and rest in _BACKEND_FLAGS:
-            _set_path(data, f"{role}.{_BACKEND_FLAGS[rest]}", value)
-        elif name in _SHARED_BACKEND_FLAGS:
-            _set_path(data, f"agent.{_SHARED_BACKEND_FLAGS[name]}", value)
-            if data.get("observer") is not None:
-                _set_path(data, f"observer.{_SHARED_BACKEND_FLAGS[name]}", value)
-        else:
-            data[name] = value
-    for role in ("agent", "observer"):
-        spec = data.get(role)
-        if isinstance(spec, dict) and spec.get("base_urls") and "kind" not in spec:
-            spec["kind"] = "openai"  # a URL alone means an OpenAI-compatible server
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--set expects KEY=VALUE, got {item!r}")
-        _set_path(data, key.strip(), yaml.safe_load(value))
-    try:
-        config = config_from_dict(data)
-    except TypeError as exc:
-        raise InputError(f"bad config: {exc}") from exc
-    if config.radius is None:
-        config.radius = config.size // 2
-    for spec in (config.agent, config.observer):
-        if spec is not None and spec.cache_mode != "off" and spec.cache_path is None:
-            spec.cache_path = str(Path(config.output) / "llm-cache.sqlite")
-    try:
-        validate(config)
-    except TypeError as exc:  # e.g. size: "ten" in the YAML
-        raise InputError(f"bad config value: {exc}") from exc
-    return config
+        return build_backend(spec)
+    except BackendLoadError as exc:
+        raise BackendLoadError(f"cannot start the {role} backend: {exc}") from exc
 
 
 def build_backends(config: SimulationConfig) -> tuple[ChatBackend, ChatBackend]:
     """The agent backend and the observer backend (the same object when they are configured alike)."""
-    from pipeline.llm import build_backend
-
-    agent = build_backend(config.agent)
+    agent = _start_backend("agent", config.agent)
     if config.observer is None or config.observer == config.agent:
         return agent, agent
-    return agent, build_backend(config.observer)
+    try:
+        return agent, _start_backend("observer", config.observer)
+    except BaseException:
+        asyncio.run(agent.aclose())
+        raise
 
 
 async def _run(simulation: Simulation, worlds: Sequence[World]) -> None:
@@ -611,60 +551,124 @@ async def _run(simulation: Simulation, worlds: Sequence[World]) -> None:
             await simulation.observer.aclose()
 
 
-def report(output: Path, world_ids: Sequence[str], shard: tuple[int, int]) -> str:
-    """Print the per-round table of this process's worlds and save the plot next to the shards."""
-    from pipeline.plots import format_table, plot_rounds, round_summary
+@dataclass(frozen=True)
+class SimulationResult:
+    """What one call of :func:`run_simulation` did."""
 
-    records = []
-    for world_id in world_ids:
-        records += WorldStore(world_folder(output, world_id)).load().records()
-    rows = round_summary(records)
-    suffix = "" if shard[1] == 1 else f"-shard{shard[0]}of{shard[1]}"
-    plot_rounds(rows, output / f"rounds{suffix}.png")
-    _write_atomic(output / f"summary{suffix}.json", json.dumps(rows, indent=1))
-    return format_table(rows)
+    run_id: str
+    output: Path
+    worlds: tuple[str, ...]
+    """The worlds this rank ran."""
+    interactions: int
+    """Records stored in this rank's worlds, all rounds (earlier calls' included)."""
+    failed: int
+    """Of those, the failed interactions."""
+    summary: list[dict[str, Any]]
+    """The whole run's per-round summary, as written to ``summary.json``."""
+    seconds: float
+    """Wall time of running the worlds (no setup, no summary)."""
+    cpu_seconds: float
+    """This process's CPU time over the same span."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = resolve_config(args)
-        questions = load_questions(config.questions, config.question_column, config.question_split)
-        prior_text = None
-        prior = None
-        if config.prior_source == "file":
-            prior = load_prior(config.prior)
-            needed = {label for world in config.worlds for label in world.labels}
-            missing = sorted(label for label in needed if not prior[label])
-            if missing:
-                raise InputError(f"the prior holds no {' or '.join(missing)} pairs, which the stances need")
-            prior_text = Path(config.prior or DEFAULT_PRIOR).expanduser().read_text()
-        identity = run_identity(config, questions, prior_text)
-        output = check_output(config, identity)
-    except InputError as exc:
-        print(f"sandbox simulate: error: {exc}", file=sys.stderr)
-        return 2
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    backends: tuple[ChatBackend, ChatBackend] | None = None,
+    progress: bool = True,
+) -> SimulationResult:
+    """Run (or resume) this rank's share of the run's worlds: worlds ``rank``, ``rank + world_size``, ...
 
-    try:
-        agent, observer = build_backends(config)
-    except (ValueError, OSError, EmbeddedModelMissing) as exc:  # e.g. a local model folder that is not one
-        print(f"sandbox simulate: error: cannot start the model backend: {exc}", file=sys.stderr)
-        return 2
+    Everything ``sandbox simulate`` does after parsing: loads the question pool and the prior,
+    checks the output folder (a :class:`UserError`, with nothing written, for any bad input),
+    starts the backends unless ``backends=(agent, observer)`` are given (tests and benchmarks),
+    runs the worlds and closes the backends (a backend belongs to the event loop that first used
+    it: this call's), and rewrites the run's ``summary.json`` and ``rounds.png`` from all its shards. A spent budget raises :class:`BudgetExceeded`; finished
+    interactions are kept and a rerun continues from them.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank must be in 0..{world_size - 1} with {world_size} rank(s), got {rank}")
+    questions = load_questions(config.questions, config.question_column, config.question_split)
+    prior_text = None
+    prior = None
+    if config.prior_source == "file":
+        prior = load_prior(config.prior)
+        needed = {label for world in config.worlds for label in world.labels}
+        missing = sorted(label for label in needed if not prior[label])
+        if missing:
+            raise UserError(f"the prior holds no {' or '.join(missing)} pairs, which the stances need")
+        prior_text = Path(config.prior or DEFAULT_PRIOR).expanduser().read_text()
+    identity = run_identity(config, questions, prior_text)
+    output = Path(config.output).expanduser()
+    saved = check_output(output, identity)
+    # A run keeps the record layout it started with, so all its shards load as one dataset.
+    schema_version = SCHEMA_VERSION if saved is None else saved.get("schema_version", LEGACY_SCHEMA_VERSION)
+    agent, observer = build_backends(config) if backends is None else backends
 
     run_id = run_id_of(identity)
     output.mkdir(parents=True, exist_ok=True)
-    saved = {"run_id": run_id, "identity": identity, "config": config.to_dict()}
-    _write_atomic(output / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
-    worlds = config.worlds[args.shard[0] :: args.shard[1]]
-    simulation = Simulation(config, questions, prior, run_id, agent, observer, progress=not args.no_progress)
-    try:
-        asyncio.run(_run(simulation, worlds))
-    except BudgetExceeded as exc:
-        print(
-            f"sandbox simulate: stopped: {exc}; finished interactions are kept, rerun to continue",
-            file=sys.stderr,
-        )
-        return 1
-    print(report(output, [w.world_id for w in worlds], args.shard))
-    print(f"records: {output}/world-*/*.arrow  (run {run_id})")
-    return 0
+    saved = {
+        "run_id": run_id,
+        "schema_version": schema_version,
+        "identity": identity,
+        "config": config.to_dict(),
+    }
+    write_atomic(output / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
+    worlds = config.worlds[rank::world_size]
+    simulation = Simulation(
+        config, questions, prior, run_id, agent, observer, progress=progress, schema_version=schema_version
+    )
+    started, cpu = time.perf_counter(), time.process_time()
+    asyncio.run(_run(simulation, worlds))
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    summary = write_summary(output)
+    ids = tuple(world.world_id for world in worlds)
+    mine = [row for row in summary if row["world_id"] in ids]
+    return SimulationResult(
+        run_id=run_id,
+        output=output,
+        worlds=ids,
+        interactions=sum(row["interactions"] for row in mine),
+        failed=sum(row["failed"] for row in mine),
+        summary=summary,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+    )
+
+
+# -- command line ---------------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Run the sandbox society and write Arrow shards of interaction records. Flags override the "
+    "config file; each backend field is a dotted flag (--agent.model, --observer.base-urls)."
+)
+
+
+def _process_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("this process (not saved with the run)")
+    group.add_argument(
+        "--rank", type=int, default=0, help="this process's rank: it runs worlds RANK, RANK + NUM_RANKS, ..."
+    )
+    group.add_argument("--num-ranks", type=int, default=1, help="processes sharing the run's worlds")
+    group.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def body() -> int:
+        config, args = argparsing.parse(SimulationConfig, argv, PROG, DESCRIPTION, extend=_process_flags)
+        try:
+            result = run_simulation(
+                config, rank=args.rank, world_size=args.num_ranks, progress=not args.no_progress
+            )
+        except BudgetExceeded as exc:
+            print(
+                f"{PROG}: stopped: {exc}; finished interactions are kept, rerun to continue", file=sys.stderr
+            )
+            return 1
+        print(summary_table(result.summary))
+        print(f"records: {result.output}/world-*/*.arrow  (run {result.run_id})")
+        return 0
+
+    return run_command(PROG, body)

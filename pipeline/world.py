@@ -12,12 +12,14 @@ import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal, get_args
 
 import numpy as np
 
-STANCES = ("all_good", "all_bad", "half_half", "mixed_half_half")
+Stance = Literal["all_good", "all_bad", "half_half", "mixed_half_half"]
 """How agents' memories are seeded: everyone good, everyone bad, the top half of the grid good and
 the rest bad, or a random half good (drawn from the world's seed)."""
+STANCES: tuple[str, ...] = get_args(Stance)
 
 GOOD, BAD = "good", "bad"
 
@@ -48,7 +50,7 @@ class World:
 
     world_id: str
     size: int
-    stance: str
+    stance: Stance
     seed: int
     radius: float
     global_interaction: bool = False

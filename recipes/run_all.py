@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline.embedded import embedded_model_path
-from pipeline.plots import format_table
+from pipeline.plots import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -105,7 +105,7 @@ def main() -> int:
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
     print("\n== stage wall times (s):", ", ".join(f"{k} {v}" for k, v in timings.items()))
-    print(format_table(json.loads((SIM / "summary.json").read_text())))
+    print(summary_table(json.loads((SIM / "summary.json").read_text())))
     print((EVAL / "table.txt").read_text())
     print(f"plots: {SIM / 'rounds.png'}, {EVAL / 'evaluation.png'}")
     return 0

@@ -1,8 +1,15 @@
-"""Shared fixtures: a tiny random Llama with a real byte-level BPE tokenizer, built offline."""
+"""Shared fixtures: a tiny random Llama with a real byte-level BPE tokenizer, built offline; the
+sandbox's loopback server and scripted recording backend."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import os
+import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,6 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+from pipeline.llm.base import BudgetExceeded, ChatBackend, Completion, LLMError, Rating, Usage
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -95,3 +104,94 @@ def redteam_questions() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present")
     return path
+
+
+# -- the sandbox against scripted and loopback models -------------------------------------------
+
+
+def sandbox_reply(body: dict) -> str:
+    """A fake server's answer: a pure function of the prompt (a rating when one is asked for), so
+    every run against the server is exactly repeatable."""
+    digest = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest(), 16)
+    if "\nRating: " in body["messages"][-1]["content"]:
+        return f"Rating: {digest % 7 + 1}\nReason: reason {digest % 997}."
+    return f"Answer {digest % 100003}: be kind and honest."
+
+
+@pytest.fixture
+def sandbox_server():
+    """A loopback OpenAI-compatible server answering with :func:`sandbox_reply`; stopped after the test."""
+    from pipeline.llm.testing import FakeOpenAIServer
+
+    with FakeOpenAIServer(delay=0.005, reply=sandbox_reply) as server:
+        yield server
+
+
+@dataclass
+class Call:
+    """One call a :class:`RecordingBackend` answered."""
+
+    kind: str  # draft | revision | neighbour | observer
+    start: float
+    end: float
+    prompt: str  # the last message
+    output: str
+
+
+class RecordingBackend(ChatBackend):
+    """A scripted backend answering after ``delay`` (plus up to ``jitter``) with text derived from the
+    prompt; logs every call as a :class:`Call`. ``fail``: neighbour ratings of that question raise
+    ``LLMError``; ``budget``: calls allowed before ``BudgetExceeded``."""
+
+    model_name = "recording"
+
+    def __init__(self, delay: float = 0.05, jitter: float = 0.0, fail: str | None = None, seed: int = 0):
+        self.delay, self.jitter, self.fail = delay, jitter, fail
+        self.random = random.Random(seed)
+        self.calls: list[Call] = []
+        self.budget: int | None = None
+
+    @staticmethod
+    def kind(messages: list) -> str:
+        if messages[0]["content"].startswith("You are an impartial observer"):
+            return "observer"
+        if "Rate another member's answer." in messages[-1]["content"]:
+            return "neighbour"
+        return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
+
+    async def _call(self, messages: list, sample_index: int) -> Call:
+        call = Call(self.kind(messages), time.monotonic(), 0.0, messages[-1]["content"], "")
+        if self.budget is not None:
+            self.budget -= 1
+            if self.budget < 0:
+                raise BudgetExceeded("call budget spent")
+        await asyncio.sleep(self.delay + self.random.random() * self.jitter)
+        call.end = time.monotonic()
+        digest = hashlib.sha256(repr(messages).encode()).hexdigest()
+        call.output = f"{call.kind} {sample_index} {digest[:8]}"
+        self.calls.append(call)
+        if call.kind == "neighbour" and self.fail and f"Question: {self.fail}\nAnswer:" in call.prompt:
+            raise LLMError("server said no")
+        return call
+
+    async def complete(self, messages, *, sample_index=0, **params):
+        call = await self._call(messages, sample_index)
+        return Completion(call.output, self.model_name, Usage(7, 3, 1))
+
+    async def rate(self, messages, *, scale=7, sample_index=0, **params):
+        call = await self._call(messages, sample_index)
+        score = int(call.output.split()[-1], 16) % 8  # 0: an unreadable answer
+        return Rating(
+            float(score) if score else None,
+            f"reason {call.output}",
+            f"Rating: {score}",
+            "parsed",
+            self.model_name,
+            usage=Usage(5, 2, 1),
+        )
+
+
+@pytest.fixture
+def recording_backend():
+    """Make :class:`RecordingBackend` instances (keyword arguments as its constructor's)."""
+    return RecordingBackend

@@ -1,15 +1,23 @@
-"""The package installs, its CLI answers, and the embedded model converts once and chats."""
+"""The package installs, its CLI answers, the embedded model converts once and chats, and the shared
+foundations (config command lines, the user error, atomic writes, tables) behave."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import pytest
 
 import pipeline
 from pipeline import embedded
+from pipeline.argparsing import from_dict, parse
+from pipeline.errors import BackendLoadError, UserError, run_command
+from pipeline.textio import format_table, write_atomic
 
 
 def _sandbox(*args: str) -> subprocess.CompletedProcess[str]:
@@ -72,3 +80,62 @@ def test_chat_answers_with_a_local_model(tiny_model_dir) -> None:
     missing = _sandbox("chat", "--model", "./no-such-model")
     assert missing.returncode == 2
     assert "has no config.json" in missing.stderr
+
+
+# -- the shared foundations: config command lines, the user error, atomic writes, tables ---------
+
+
+@dataclass
+class _Inner:
+    model: str | None = field(default=None, metadata={"help": "a model"})
+    urls: list[str] = field(default_factory=list, metadata={"help": "URLs"})
+
+
+@dataclass
+class _Config:
+    size: int = field(default=3, metadata={"help": "a size", "aliases": ["-s"]})
+    mode: Literal["a", "b"] = field(default="a", metadata={"help": "a mode"})
+    flag: bool = field(default=False, metadata={"help": "a flag"})
+    limit: float | None = field(default=1.0, metadata={"help": "a limit"})
+    inner: _Inner = field(default_factory=_Inner, metadata={"help": "nested"})
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise UserError(f"size must be at least 1, got {self.size}")
+
+
+def _extra(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", default=False)
+
+
+def test_config_command_line_from_fields(tmp_path: Path) -> None:
+    config, args = parse(_Config, ["--inner.model", "m", "--flag", "-s", "5"], "prog", "d", extend=_extra)
+    assert config == _Config(size=5, flag=True, inner=_Inner(model="m")) and args.no_progress is False
+    (tmp_path / "c.yaml").write_text("size: 7\nmode: b\ninner: {model: x, urls: [u1]}\n")
+    argv = ["--config", str(tmp_path / "c.yaml"), "--inner.urls", "u2", "u3", "--limit", "none"]
+    config, _ = parse(_Config, argv, "prog", "d")
+    assert config == _Config(size=7, mode="b", limit=None, inner=_Inner(model="x", urls=["u2", "u3"]))
+    with pytest.raises(UserError, match="size must be at least 1, got 0"):
+        parse(_Config, ["--size", "0"], "prog", "d")
+    with pytest.raises(UserError, match=r"unknown inner field\(s\): colour"):
+        from_dict(_Config, {"inner": {"colour": "blue"}})
+    with pytest.raises(UserError, match="bad config"):
+        from_dict(_Config, {"size": "ten"})
+
+
+def test_user_error_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    def body() -> int:
+        raise BackendLoadError("no model in\n  this folder")
+
+    assert run_command("prog", body) == 2
+    assert capsys.readouterr().err == "prog: error: no model in this folder\n"
+    assert run_command("prog", lambda: None) == 0
+
+
+def test_write_atomic_and_format_table(tmp_path: Path) -> None:
+    write_atomic(tmp_path / "f.txt", "old")
+    write_atomic(tmp_path / "f.txt", b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"] and (tmp_path / "f.txt").read_text() == "new"
+    table = format_table(["name", "score"], [["a", 1.5], ["bb", None]])
+    assert table.splitlines() == ["name  score", "----  -----", "a       1.5", "bb    -"]
+    assert format_table(["x"], [[1]], markdown=True) == "| x |\n|---|\n| 1 |"

@@ -1,4 +1,4 @@
-"""Tolerant rating parsing and log-probability helpers (pure functions, no model)."""
+"""The rating contract: prompt form, tolerant parsing and log-probability helpers (pure functions, no model)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import math
 import pytest
 
 from pipeline.llm.ratings import (
+    SCALE,
+    WorkedExample,
     distribution_from_logprobs,
     expected_score,
     find_rating_position,
     parse_reason,
     parse_score,
+    rating_answer,
     rating_from_text,
+    rating_request,
 )
 
 
@@ -74,3 +78,20 @@ def test_find_rating_position_prefers_the_labelled_digit() -> None:
     assert find_rating_position(tokens, scale=7) == 7
     assert find_rating_position(["I", " say", " 3"], scale=7) == 2
     assert find_rating_position(["no", " digits"], scale=7) is None
+
+
+def test_rating_request_form_and_its_answers_read_back() -> None:
+    examples = [WorkedExample("Q1?", "A1.", 6, "Kind."), WorkedExample("Q2?", "A2.", 2, "Rude.")]
+    text = rating_request("Rate it.", examples, "Q?", "A.")
+    assert text == (
+        "Rate it.\n\n"
+        "Question: Q1?\nAnswer: A1.\nRating: 6\nReason: Kind.\n\n"
+        "Question: Q2?\nAnswer: A2.\nRating: 2\nReason: Rude.\n\n"
+        "Question: Q?\nAnswer: A."
+    )
+    rating = rating_from_text(rating_answer(5, "Fair and kind."), scale=SCALE, model="m")
+    assert (rating.score, rating.reason, rating.method) == (5.0, "Fair and kind.", "parsed")
+    # A model that goes on to write the next worked example: its reason ends where that begins.
+    rambling = rating_answer(3, "Blunt.") + "\n" + text.split("\n\n")[1]
+    assert parse_reason(rambling) == "Blunt."
+    assert parse_score(rambling, SCALE) == (3.0, None)

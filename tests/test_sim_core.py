@@ -1,17 +1,15 @@
 """The sandbox's parts: world, BM25 memory, prompts, Arrow shards, and the back-scatter protocol.
 
-The protocol tests drive the simulation with a scripted ``ChatBackend`` that records when each
-call starts and ends: the point is the order and overlap of the calls, which a real server would
-only blur. Real-HTTP runs of the whole command are in ``test_sim_run.py``.
+The protocol tests drive ``run_simulation`` with a scripted ``ChatBackend`` (``conftest.py``'s
+recording backend) that records when each call starts and ends: the point is the order and overlap
+of the calls, which a real server would only blur. Real-HTTP runs of the whole command are in
+``test_sim_run.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import random
-import time
-from dataclasses import dataclass
+import json
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,14 @@ from datasets import Dataset, DatasetDict, load_dataset
 from rank_bm25 import BM25Okapi
 
 from pipeline import prompts
-from pipeline.llm.base import BudgetExceeded, ChatBackend, Completion, LLMError, Rating, Usage
+from pipeline.argparsing import from_dict
+from pipeline.errors import UserError
+from pipeline.llm.base import BackendSpec, BudgetExceeded
 from pipeline.memory import AgentMemory, MemoryEntry, tokenize
-from pipeline.questions import InputError, load_prior, load_questions
-from pipeline.records import RECORD_FEATURES
-from pipeline.shards import MANIFEST, WorldStore
-from pipeline.simulate import Simulation, SimulationConfig, config_from_dict, validate
+from pipeline.questions import load_prior, load_questions
+from pipeline.records import ASPECTS, RECORD_FEATURES, SCHEMA_VERSION, new_record, record_features
+from pipeline.shards import MANIFEST, WorldStore, run_records
+from pipeline.simulate import SimulationConfig, run_simulation
 from pipeline.world import World
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,51 +126,96 @@ def test_question_pools_and_prior(tmp_path: Path):
     assert load_questions(str(tmp_path / "pool.csv"), column="text") == ["Why?", "How?"]
     DatasetDict({"test": Dataset.from_dict({"question": ["Who?"]})}).save_to_disk(tmp_path / "saved")
     assert load_questions(str(tmp_path / "saved"), split="test") == ["Who?"]
-    with pytest.raises(InputError, match="has no column 'question'"):
+    with pytest.raises(UserError, match="has no column 'question'"):
         load_questions(str(tmp_path / "pool.csv"))
     (tmp_path / "prior.jsonl").write_text('{"question": "q", "answer": "a", "label": "meh"}\n')
-    with pytest.raises(InputError, match="line 1 needs question, answer and label"):
+    with pytest.raises(UserError, match="line 1 needs question, answer and label"):
         load_prior(tmp_path / "prior.jsonl")
+
+
+# Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
+# new PROMPT_VERSION (records and cache entries of different prompts must never mix).
+PROMPT_HASHES = {"sandbox-v2": "8c26256403ad8d9e74010df05bb8c9ab4ce2ef5f2cc36b2edfd4d4a3974d5290"}
+
+
+def test_prompts_are_pinned_to_their_version():
+    memories = [MemoryEntry("Old q?", "Old a."), MemoryEntry("Q2?", "A2.")]
+    conversation = prompts.draft_messages("Is it fair?", memories)
+    every = [
+        *(prompts.observer_messages(aspect, "Is it fair?", "Yes.") for aspect in ASPECTS),
+        prompts.neighbour_rating_messages("Is it fair?", "Yes.", memories),
+        prompts.neighbour_rating_messages("Is it fair?", "Yes.", []),
+        conversation,
+        prompts.draft_messages("Is it fair?", []),
+        prompts.revision_messages(
+            conversation, "draft", [(6.0, "kind"), (None, "???"), (2.5, "rude"), (4.0, "")]
+        ),
+        prompts.revision_messages(conversation, "draft", [(None, "x")]),
+        *(prompts.persona_messages(label, "Is it fair?") for label in ("good", "bad")),
+    ]
+    digest = hashlib.sha256(json.dumps(every).encode()).hexdigest()
+    assert digest == PROMPT_HASHES.get(prompts.PROMPT_VERSION), "prompts changed: bump PROMPT_VERSION"
+    # Observer prompts end with the rating contract's form: the answer to rate, after worked examples.
+    for aspect in ASPECTS:
+        text = prompts.observer_messages(aspect, "Q?", "A.")[-1]["content"]
+        assert text.endswith("Question: Q?\nAnswer: A.") and text.count("\nRating: ") == 3
 
 
 @pytest.mark.parametrize("name", ["simulate_demo.yaml", "simulate_paper.yaml"])
 def test_recipe_configs_are_valid(name: str):
-    config = config_from_dict(yaml.safe_load((REPO / "recipes" / "configs" / name).read_text()))
-    validate(config)
+    config = from_dict(SimulationConfig, yaml.safe_load((REPO / "recipes" / "configs" / name).read_text()))
     assert config.worlds
+
+
+def test_config_derives_defaults_and_checks_in_post_init(tmp_path: Path):
+    config = SimulationConfig(output=str(tmp_path), size=6, stances="half_half", seeds=3)
+    assert config.radius == 3 and config.stances == ["half_half"] and config.seeds == [3]
+    assert config.agent.kind == "embedded" and config.agent.cache_path == str(tmp_path / "llm-cache.sqlite")
+    # A URL alone names an OpenAI-compatible server; a kind given is kept.
+    assert BackendSpec(base_urls=["http://x/v1"]).kind == "openai"
+    assert BackendSpec(kind="embedded", base_urls=["http://x/v1"]).kind == "embedded"
+    data = {"observer": {"base_urls": ["http://x/v1"], "model": "judge", "cache_mode": "off"}}
+    observed = from_dict(SimulationConfig, data)
+    assert observed.observer.kind == "openai" and observed.observer.cache_path is None
+    for fields, message in [
+        ({"stances": ["all_nice"]}, "unknown stance 'all_nice'"),
+        ({"prior_source": "web"}, "unknown prior_source 'web'"),
+        ({"agent": {"kind": "gpt"}}, "unknown agent backend 'gpt'"),
+        ({"observer": {"kind": "openai"}}, "the observer backend 'openai' needs a model"),
+        ({"agent": {"cache_mode": "sometimes"}}, "unknown agent cache_mode 'sometimes'"),
+        ({"size": 4, "k": 4, "radius": 1}, "k=4 is larger than the smallest neighbourhood"),
+        ({"dropout": 2.0}, "dropout must be between 0 and 1"),
+        ({"rounds": 0}, "rounds must be at least 1"),
+        ({"size": "ten"}, "bad config"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            from_dict(SimulationConfig, fields)
 
 
 # -- shards -----------------------------------------------------------------------------------
 
 
 def _record(agent: int, round_: int = 0) -> dict:
-    scores = {
-        "alignment_before": None,
-        "alignment_after": 5.5,
-        "engagement_before": 3.0,
-        "engagement_after": None,
-    }
-    return {
-        "run_id": "r",
-        "world_id": "w",
-        "round": round_,
-        "agent_id": agent,
-        "stance": "good",
-        "question": f"q{agent}",
-        "draft": "d",
-        "feedback": [{"agent_id": 1, "rating": None, "reason": "x", "raw": "?"}],
-        "revision": None if agent == 2 else "r",
-        "scores": scores,
-        "observer_reasons": dict.fromkeys(scores, "because"),
-        "status": "ok",
-        "error": None,
-        "agent_model": "m",
-        "observer_model": "o",
-        "prompt_version": prompts.PROMPT_VERSION,
-        "prompt_tokens": 1,
-        "completion_tokens": 2,
-        "calls": 3,
-    }
+    scores = {"alignment_after": 5.5, "engagement_before": 3.0}
+    return new_record(
+        run_id="r",
+        world_id="w",
+        round=round_,
+        agent_id=agent,
+        stance="good",
+        question=f"q{agent}",
+        draft="d",
+        feedback=[{"agent_id": 1, "rating": None, "reason": "x", "raw": "?"}],
+        revision=None if agent == 2 else "r",
+        scores=scores,
+        observer_reasons=dict.fromkeys(scores, "because"),
+        agent_model="m",
+        observer_model="o",
+        prompt_version=prompts.PROMPT_VERSION,
+        prompt_tokens=1,
+        completion_tokens=2,
+        calls=3,
+    )
 
 
 def test_shards_round_trip_and_crash_recovery(tmp_path: Path):
@@ -201,97 +246,54 @@ def test_shards_round_trip_and_crash_recovery(tmp_path: Path):
     assert len((store.folder / MANIFEST).read_text().splitlines()) == 3
 
 
+def test_new_record_and_legacy_shards(tmp_path: Path):
+    required = {
+        "run_id": "r",
+        "world_id": "w",
+        "round": 0,
+        "agent_id": 1,
+        "stance": "bad",
+        "question": "q?",
+        "agent_model": "m",
+        "observer_model": "o",
+        "prompt_version": "v",
+    }
+    record = new_record(**required, scores={"alignment_after": 6.0})
+    assert list(record) == list(RECORD_FEATURES) and record["schema_version"] == SCHEMA_VERSION
+    assert record["scores"]["alignment_after"] == 6.0 and record["scores"]["alignment_before"] is None
+    assert record["status"] == "ok" and record["feedback"] == [] and record["error"] is None
+    with pytest.raises(ValueError, match="unknown scores field"):
+        new_record(**required, scores={"kindness_after": 1.0})
+
+    # A shard written before records carried a schema version reads as version 1.
+    legacy = record_features(1)
+    assert "schema_version" not in legacy and len(legacy) == len(RECORD_FEATURES) - 1
+    store = WorldStore(tmp_path / "world-w", legacy)
+    store.open()
+    store.append(0, [record])
+    assert Dataset.from_file(str(next(store.folder.glob("*.arrow")))).features == legacy
+    (read,) = store.records()
+    assert read == record | {"schema_version": 1}
+
+
 # -- the protocol, with a recording backend ----------------------------------------------------
 
 
-class RecordingBackend(ChatBackend):
-    """Answers after ``delay`` with text derived from the prompt; logs every call as a ``Call``."""
-
-    model_name = "recording"
-
-    def __init__(self, delay: float = 0.05, jitter: float = 0.0, fail: str | None = None, seed: int = 0):
-        self.delay, self.jitter, self.fail = delay, jitter, fail
-        self.random = random.Random(seed)
-        self.calls: list[Call] = []
-        self.budget: int | None = None
-
-    @staticmethod
-    def kind(messages: list) -> str:
-        if messages[0]["content"].startswith("You are an impartial observer"):
-            return "observer"
-        if "Rate another member's answer." in messages[-1]["content"]:
-            return "neighbour"
-        return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
-
-    async def _call(self, messages: list, sample_index: int) -> Call:
-        call = Call(self.kind(messages), time.monotonic(), 0.0, messages[-1]["content"], "")
-        if self.budget is not None:
-            self.budget -= 1
-            if self.budget < 0:
-                raise BudgetExceeded("call budget spent")
-        await asyncio.sleep(self.delay + self.random.random() * self.jitter)
-        call.end = time.monotonic()
-        digest = hashlib.sha256(repr(messages).encode()).hexdigest()
-        call.output = f"{call.kind} {sample_index} {digest[:8]}"
-        self.calls.append(call)
-        if call.kind == "neighbour" and self.fail and f"Question: {self.fail}\nAnswer:" in call.prompt:
-            raise LLMError("server said no")
-        return call
-
-    async def complete(self, messages, *, sample_index=0, **params):
-        call = await self._call(messages, sample_index)
-        return Completion(call.output, self.model_name, Usage(7, 3, 1))
-
-    async def rate(self, messages, *, scale=7, sample_index=0, **params):
-        call = await self._call(messages, sample_index)
-        score = int(call.output.split()[-1], 16) % 8  # 0: an unreadable answer
-        return Rating(
-            float(score) if score else None,
-            f"reason {call.output}",
-            f"Rating: {score}",
-            "parsed",
-            self.model_name,
-            usage=Usage(5, 2, 1),
-        )
+def _config(output: Path, **overrides) -> SimulationConfig:
+    fields = {"output": str(output), "size": 3, "rounds": 1, "k": 2, "radius": 1, "flush_every": 4}
+    return SimulationConfig(**fields | overrides)
 
 
-@dataclass
-class Call:
-    kind: str
-    start: float
-    end: float
-    prompt: str  # the last message
-    output: str
+def _run(config: SimulationConfig, backend) -> None:
+    run_simulation(config, backends=(backend, backend), progress=False)
 
 
-def _simulation(tmp_path: Path, backend: ChatBackend, **overrides) -> tuple[Simulation, SimulationConfig]:
-    fields = {
-        "output": str(tmp_path),
-        "size": 3,
-        "rounds": 1,
-        "k": 2,
-        "radius": 1,
-        "flush_every": 4,
-        **overrides,
-    }
-    config = SimulationConfig(**fields)
-    validate(config)
-    return Simulation(config, load_questions(), load_prior(), "run", backend, backend, progress=False), config
+def test_back_scatter_order_and_concurrency(tmp_path: Path, recording_backend):
+    backend = recording_backend(delay=0.05)
+    config = _config(tmp_path)
+    _run(config, backend)
 
-
-def _stored(tmp_path: Path) -> list[dict]:
-    rows = []
-    for folder in sorted(tmp_path.glob("world-*")):
-        rows += WorldStore(folder).load().records()
-    return rows
-
-
-def test_back_scatter_order_and_concurrency(tmp_path: Path):
-    backend = RecordingBackend(delay=0.05)
-    simulation, config = _simulation(tmp_path, backend)
-    asyncio.run(simulation.run(config.worlds))
-
-    records = _stored(tmp_path)
+    records = run_records(tmp_path)
     assert [r["agent_id"] for r in records] == list(range(9))
     drafts = [c for c in backend.calls if c.kind == "draft"]
     # All the agents of the round run at once.
@@ -321,13 +323,12 @@ def test_back_scatter_order_and_concurrency(tmp_path: Path):
     assert all("earlier" in c.prompt for c in backend.calls if c.kind in ("neighbour", "draft"))
 
 
-def test_results_do_not_depend_on_scheduling(tmp_path: Path):
+def test_results_do_not_depend_on_scheduling(tmp_path: Path, recording_backend):
     runs = []
     for seed in (1, 2):
-        backend = RecordingBackend(delay=0.0, jitter=0.02, seed=seed)
-        simulation, config = _simulation(tmp_path / str(seed), backend, rounds=3, stances=["mixed_half_half"])
-        asyncio.run(simulation.run(config.worlds))
-        runs.append(_stored(tmp_path / str(seed)))
+        backend = recording_backend(delay=0.0, jitter=0.02, seed=seed)
+        _run(_config(tmp_path / str(seed), rounds=3, stances=["mixed_half_half"]), backend)
+        runs.append(run_records(tmp_path / str(seed)))
     assert len(runs[0]) == 27 and runs[0] == runs[1]
     # A round-1 draft recalls round-0 answers: memories grow at round ends.
     revisions = {r["revision"] for r in runs[0] if r["round"] == 0}
@@ -335,12 +336,12 @@ def test_results_do_not_depend_on_scheduling(tmp_path: Path):
     assert later
 
 
-def test_failed_interactions_are_recorded_and_the_round_goes_on(tmp_path: Path):
-    probe, config = _simulation(tmp_path / "probe", RecordingBackend(delay=0))
-    failing = probe.questions[config.worlds[0].question_index(0, 4, len(probe.questions))]
-    simulation, config = _simulation(tmp_path / "run", RecordingBackend(delay=0.0, fail=failing), rounds=2)
-    asyncio.run(simulation.run(config.worlds))
-    records = _stored(tmp_path / "run")
+def test_failed_interactions_are_recorded_and_the_round_goes_on(tmp_path: Path, recording_backend):
+    config = _config(tmp_path / "run", rounds=2)
+    questions = load_questions()
+    failing = questions[config.worlds[0].question_index(0, 4, len(questions))]
+    _run(config, recording_backend(delay=0.0, fail=failing))
+    records = run_records(tmp_path / "run")
     assert len(records) == 18
     failed = [r for r in records if r["status"] == "failed"]
     assert failed and all(r["question"] == failing for r in failed)
@@ -351,22 +352,21 @@ def test_failed_interactions_are_recorded_and_the_round_goes_on(tmp_path: Path):
     assert all(r["error"] is None and r["revision"] for r in records if r["status"] == "ok")
 
 
-def test_budget_stop_keeps_finished_work_and_resume_completes_it(tmp_path: Path):
-    reference, config = _simulation(tmp_path / "ref", RecordingBackend(delay=0.0), rounds=3)
-    asyncio.run(reference.run(config.worlds))
+def test_budget_stop_keeps_finished_work_and_resume_completes_it(tmp_path: Path, recording_backend):
+    _run(_config(tmp_path / "ref", rounds=3), recording_backend(delay=0.0))
 
-    backend = RecordingBackend(delay=0.0, jitter=0.01)
+    backend = recording_backend(delay=0.0, jitter=0.01)
     backend.budget = 8 * 9 + 30  # round 0 completes, round 1 runs out part way
-    simulation, config = _simulation(tmp_path / "run", backend, rounds=3)
+    config = _config(tmp_path / "run", rounds=3)
     with pytest.raises(BudgetExceeded):
-        asyncio.run(simulation.run(config.worlds))
-    records = _stored(tmp_path / "run")
+        _run(config, backend)
+    records = run_records(tmp_path / "run")
     assert [r["round"] for r in records].count(0) == 9 and len(records) < 18
 
-    resumed, config = _simulation(tmp_path / "run", RecordingBackend(delay=0.0), rounds=3)
-    asyncio.run(resumed.run(config.worlds))
-    assert _stored(tmp_path / "run") == _stored(tmp_path / "ref")
-    assert len(resumed.agent.calls) == 8 * (27 - len(records))  # nothing done twice
+    resumed = recording_backend(delay=0.0)
+    _run(config, resumed)
+    assert run_records(tmp_path / "run") == run_records(tmp_path / "ref")
+    assert len(resumed.calls) == 8 * (27 - len(records))  # nothing done twice
 
 
 def test_real_red_team_pool_and_bm25_recall(redteam_questions: Path) -> None:

@@ -3,7 +3,6 @@ files, real processes killed with SIGKILL, and one run of the embedded SmolLM2."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,19 +16,13 @@ import yaml
 from datasets import load_dataset
 
 from pipeline.llm.testing import FakeOpenAIServer
-from pipeline.records import RECORD_FEATURES
+from pipeline.plots import round_summary, write_summary
+from pipeline.records import RECORD_FEATURES, record_features
+from pipeline.shards import read_shard, write_shard
 from pipeline.simulate import main
 
 SECRET = "sk-test-do-not-store-0123456789"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def reply(body: dict) -> str:
-    """A pure function of the prompt, so every run against the server is exactly repeatable."""
-    digest = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest(), 16)
-    if "\nRating: " in body["messages"][-1]["content"]:
-        return f"Rating: {digest % 7 + 1}\nReason: reason {digest % 997}."
-    return f"Answer {digest % 100003}: be kind and honest."
 
 
 def write_config(path: Path, url: str, **fields) -> Path:
@@ -52,17 +45,17 @@ def write_config(path: Path, url: str, **fields) -> Path:
     return path
 
 
-def records(output: Path) -> list[dict]:
+def records(output: Path, features=RECORD_FEATURES) -> list[dict]:
+    """The run's records as the README loads them: every shard of every world, one dataset."""
     files = sorted(str(p) for p in output.glob("world-*/*.arrow"))
     dataset = load_dataset("arrow", data_files=files, split="train")
-    assert dataset.features == RECORD_FEATURES
+    assert dataset.features == features
     return sorted(dataset.to_list(), key=lambda r: (r["world_id"], r["round"], r["agent_id"]))
 
 
 @pytest.fixture
-def server():
-    with FakeOpenAIServer(delay=0.005, reply=reply) as srv:
-        yield srv
+def server(sandbox_server):
+    return sandbox_server
 
 
 def test_cli_run_rerun_replay_and_shards(tmp_path, server, monkeypatch, capsys):
@@ -76,7 +69,7 @@ def test_cli_run_rerun_replay_and_shards(tmp_path, server, monkeypatch, capsys):
     assert all(len(r["feedback"]) == 2 and r["calls"] == 8 and r["prompt_tokens"] > 0 for r in first)
     assert all(1 <= r["scores"]["alignment_before"] <= 7 for r in first)
     table = capsys.readouterr().out
-    assert "align before" in table and "half_half-seed0" in table
+    assert "alignment before" in table and "half_half-seed0" in table
     assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (
@@ -95,17 +88,48 @@ def test_cli_run_rerun_replay_and_shards(tmp_path, server, monkeypatch, capsys):
 
     # The cache replays the run exactly, without a single request.
     replay = tmp_path / "replay"
-    cache = ["--cache-mode", "replay-only", "--cache-path", str(out / "llm-cache.sqlite")]
+    cache = ["--agent.cache-mode", "replay-only", "--agent.cache-path", str(out / "llm-cache.sqlite")]
     assert main(["--config", str(config), "--output", str(replay), "--no-progress", *cache]) == 0
     assert len(server.requests) == calls + 2 * 9 * 8 and records(replay) == first
 
-    # Two processes (here one after the other) each take half of the worlds: together, one dataset.
+    # Two processes (here one after the other) each take half of the worlds: together, one dataset,
+    # and the summary of the whole run, recomputed from its shards.
     split = tmp_path / "split"
-    for shard in ("0/2", "1/2"):
-        argv = ["--config", str(config), "--output", str(split), "--shard", shard, "--no-progress"]
-        assert main([*argv, "--cache-path", str(out / "llm-cache.sqlite")]) == 0
+    for rank in ("0", "1"):
+        argv = ["--config", str(config), "--output", str(split), "--rank", rank, "--num-ranks", "2"]
+        assert main([*argv, "--no-progress", "--agent.cache-path", str(out / "llm-cache.sqlite")]) == 0
     assert len(server.requests) == calls + 2 * 9 * 8 and records(split) == first
-    assert (split / "rounds-shard1of2.png").is_file()
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(round_summary(first))) and len(summary) == 2 * 2
+    plot = (split / "rounds.png").read_bytes()
+    (split / "summary.json").unlink()
+    assert write_summary(split) == summary and json.loads((split / "summary.json").read_text()) == summary
+    assert (split / "rounds.png").read_bytes() == plot
+    assert sorted(p.name for p in split.iterdir() if p.is_file()) == [
+        "config.yaml",
+        "rounds.png",
+        "summary.json",
+    ]
+
+
+def test_a_run_written_before_schema_versions_resumes_and_loads(tmp_path, server):
+    """A run folder of the layout before records carried ``schema_version`` is resumed in that
+    layout: extended by a round, its shards still load as one dataset, records as a fresh run's."""
+    config = write_config(tmp_path / "sim.yaml", server.base_url)
+    assert main(["--config", str(config), "-o", str(tmp_path / "ref"), "--no-progress"]) == 0
+    old = tmp_path / "old"
+    assert main(["--config", str(config), "-o", str(old), "--rounds", "1", "--no-progress"]) == 0
+    legacy = record_features(1)
+    for shard in old.glob("world-*/*.arrow"):  # back to the old layout: no column, no saved version
+        write_shard(shard, read_shard(shard), legacy)
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    del saved["schema_version"]
+    (old / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+    assert main(["--config", str(config), "-o", str(old), "--no-progress"]) == 0
+    unversioned = [{k: v for k, v in r.items() if k != "schema_version"} for r in records(tmp_path / "ref")]
+    assert records(old, legacy) == unversioned and len(unversioned) == 2 * 2 * 9
+    assert yaml.safe_load((old / "config.yaml").read_text())["schema_version"] == 1
 
 
 def _start(config: Path, output: Path) -> subprocess.Popen:
@@ -187,7 +211,7 @@ def test_prior_generated_from_personas(tmp_path, server):
         "generate",
         "--no-progress",
     ]
-    assert main([*argv, "--set", "prior_generate=3"]) == 0
+    assert main([*argv, "--prior-generate", "3"]) == 0
     prior = [
         json.loads(line)
         for line in (tmp_path / "out/world-half_half-seed0/prior.jsonl").read_text().splitlines()
@@ -217,9 +241,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, server, capsy
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "extra.yaml").write_text("size: 3\ncolour: blue\n")
+    (tmp_path / "agent-extra.yaml").write_text("agent: {colour: blue}\n")
     cases = [
         (["--stances", "all_nice"], "unknown stance 'all_nice'"),
-        (["--agent-backend", "gpt"], "unknown agent backend 'gpt'"),
+        (["--agent.kind", "gpt"], "unknown agent backend 'gpt'"),
         (["--size", "1"], "world size must be at least 2"),
         (["--size", "3", "--k", "3"], "k=3 is larger than the smallest neighbourhood"),
         (["--questions", str(tmp_path / "empty.txt")], "holds no questions"),
@@ -227,8 +252,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, server, capsy
         (["--questions", str(tmp_path / "missing.csv")], "cannot read question pool"),
         (["--output", str(tmp_path / "a-file" / "run")], "cannot be written"),
         (["--output", str(existing), "--size", "3"], "holds a different run (differs in: size)"),
-        (["--set", "agent.colour=blue"], "unknown agent backend field(s): colour"),
-        (["--config", str(tmp_path / "extra.yaml")], "unknown config field(s): colour"),
+        (["--config", str(tmp_path / "agent-extra.yaml")], "unknown agent field(s): colour"),
+        (["--config", str(tmp_path / "extra.yaml")], "unknown field(s): colour"),
+        (["--rank", "2", "--num-ranks", "2"], "rank must be in 0..1"),
+        (
+            ["--agent.kind", "local", "--agent.model", str(tmp_path / "no-model")],
+            "cannot start the agent backend",
+        ),
     ]
     before = _snapshot(tmp_path)
     for flags, message in cases:
@@ -237,17 +267,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, server, capsy
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (flags, err)
         assert _snapshot(tmp_path) == before, flags
-    with pytest.raises(SystemExit) as exit_:
-        main(["--config", str(config), "--shard", "2/2"])
-    assert exit_.value.code == 2
 
 
 @pytest.mark.embedded
 def test_embedded_smollm2_end_to_end(tmp_path, embedded_model_dir, capsys):
     out = tmp_path / "run"
     # Prompt tokens dominate on a CPU: no memories in the prompts, short answers.
-    flags = ["--size", "3", "--rounds", "1", "--k", "1", "--top-n", "0", "--max-tokens", "16"]
-    assert main(["--output", str(out), "--agent-backend", "embedded", "--no-progress", *flags]) == 0
+    flags = ["--size", "3", "--rounds", "1", "--k", "1", "--top-n", "0", "--agent.max-tokens", "16"]
+    assert main(["--output", str(out), "--agent.kind", "embedded", "--no-progress", *flags]) == 0
     rows = records(out)
     assert len(rows) == 9 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert all(r["draft"].strip() and r["revision"].strip() for r in rows)

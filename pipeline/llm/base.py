@@ -86,32 +86,86 @@ class CacheMiss(LLMError):
 class BackendSpec:
     """How to reach a model. Saved with run configs, so it never holds a secret.
 
-    ``kind``: ``embedded`` (SmolLM2 shipped with the package), ``local`` (a Hugging Face model
-    folder or Hub name run in-process) or ``openai`` (any OpenAI-compatible server).
+    Fields by group (each field's help is in its metadata and on the command lines):
+
+    - model: ``kind``, ``model``, ``base_urls``, ``api_key_env``, ``extra``
+    - sampling: ``temperature``, ``top_p``, ``max_tokens``, ``use_logprobs``
+    - limits: ``timeout``, ``max_retries``, ``max_concurrency``, ``requests_per_minute``,
+      ``pool_max_failures``, ``pool_cooldown``, ``token_budget``, ``call_budget``
+    - in-process batching: ``max_batch_size``, ``batch_wait_ms``
+    - response cache: ``cache_path``, ``cache_mode``
+
+    ``kind`` left unset means ``openai`` when ``base_urls`` are given (a URL alone names an
+    OpenAI-compatible server), else ``embedded``.
     """
 
-    kind: BackendKind = "embedded"
-    model: str | None = None
-    base_urls: list[str] = field(default_factory=list)
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    timeout: float = 60.0
-    max_retries: int = 3
-    max_concurrency: int = 16
-    requests_per_minute: float | None = None
-    use_logprobs: bool = True
-    max_batch_size: int = 16
-    batch_wait_ms: float = 5.0
-    cache_path: str | None = None
-    cache_mode: CacheMode = "read-write"
-    token_budget: int | None = None
-    call_budget: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    pool_max_failures: int = 3
-    """An endpoint of a pool that fails this many calls in a row is taken out for ``pool_cooldown``."""
-    pool_cooldown: float = 30.0
+    kind: BackendKind | None = field(
+        default=None,
+        metadata={
+            "help": "embedded: SmolLM2 shipped with the package; local: a Hugging Face model folder or Hub "
+            "name run in-process; openai: any OpenAI-compatible server. Unset: openai when base_urls "
+            "are given, else embedded"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "the served model's name (openai) or a model folder or Hub name (local)"},
+    )
+    base_urls: list[str] = field(
+        default_factory=list,
+        metadata={"help": "OpenAI-compatible base URLs, one per replica of the model; none: OpenAI's API"},
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "environment variable holding the API key (the key itself is never stored)"},
+    )
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0: greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    max_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per HTTP request"})
+    max_retries: int = field(default=3, metadata={"help": "client retries of a failed HTTP request"})
+    max_concurrency: int = field(default=16, metadata={"help": "calls in flight per endpoint"})
+    requests_per_minute: float | None = field(
+        default=None, metadata={"help": "request rate limit per endpoint; none: unlimited"}
+    )
+    use_logprobs: bool = field(
+        default=True,
+        metadata={"help": "read ratings from the rating digit's log-probabilities where possible"},
+    )
+    max_batch_size: int = field(
+        default=16, metadata={"help": "in-process backends: most requests run as one batch"}
+    )
+    batch_wait_ms: float = field(
+        default=5.0, metadata={"help": "in-process backends: how long a batch waits for more requests"}
+    )
+    cache_path: str | None = field(default=None, metadata={"help": "SQLite response cache file"})
+    cache_mode: CacheMode = field(
+        default="read-write",
+        metadata={"help": "read-write; replay-only: a request not in the cache is an error; off: no cache"},
+    )
+    token_budget: int | None = field(
+        default=None, metadata={"help": "stop cleanly after this many tokens (prompt + completion)"}
+    )
+    call_budget: int | None = field(
+        default=None, metadata={"help": "stop cleanly after this many model calls"}
+    )
+    extra: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "extra request settings, part of a run's identity (no backend sends them yet)"},
+    )
+    pool_max_failures: int = field(
+        default=3,
+        metadata={
+            "help": "an endpoint of a pool failing this many calls in a row is taken out for pool_cooldown"
+        },
+    )
+    pool_cooldown: float = field(
+        default=30.0, metadata={"help": "seconds a failing endpoint of a pool stays out"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            self.kind = "openai" if self.base_urls else "embedded"
 
     def sampling(self, **overrides: Any) -> dict[str, Any]:
         """The sampling parameters of one call: these defaults, updated with the call's own."""

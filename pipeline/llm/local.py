@@ -5,9 +5,10 @@ the oldest request, gathers whatever else arrived meanwhile (waiting at most ``b
 the queue is empty) up to ``max_batch_size`` compatible requests, and runs them as one left-padded
 ``generate`` (or one forward pass for rating digits). The event loop never waits on the model.
 
-Ratings come from log-probabilities: the assistant turn is prefilled with ``Rating: `` and the
-next-token distribution over the digits ``1..scale`` (renormalised) gives the score's expected
-value; the reason is then generated after ``Rating: <most likely digit>\\nReason:``.
+Ratings come from log-probabilities: the assistant turn is prefilled with the rating contract's
+``Rating:`` label and the next-token distribution over the digits ``1..scale`` (renormalised) gives
+the score's expected value; the reason is then generated after ``Rating: <most likely digit>`` and
+the ``Reason:`` label on the next line (``pipeline.llm.ratings``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.llm.base import BackendSpec, ChatBackend, Completion, LLMError, Message, Rating, Usage
-from pipeline.llm.ratings import RATING_PREFIX, REASON_PREFIX, rating_from_text, trim_reason
+from pipeline.llm.ratings import (
+    RATING_PREFIX,
+    REASON_PREFIX,
+    SCALE,
+    rating_answer,
+    rating_from_text,
+    trim_reason,
+)
 
 _SAMPLING_KEYS = frozenset({"temperature", "top_p", "max_tokens"})
 
@@ -172,7 +180,7 @@ class LocalBackend(ChatBackend):
         return self._rating_tokens[scale]
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self, messages: list[Message], *, scale: int = SCALE, sample_index: int = 0, **params: Any
     ) -> Rating:
         sampling = self._sampling(params)
         tokens = self.rating_tokens(scale)
@@ -192,7 +200,7 @@ class LocalBackend(ChatBackend):
         return Rating(
             score=sum(d * p for d, p in distribution.items()),
             reason=reason,
-            raw=f"{RATING_PREFIX} {best}\n{REASON_PREFIX} {out.text.strip()}",
+            raw=rating_answer(best, out.text.strip()),
             method="logprobs",
             model=self.model_name,
             scale=scale,

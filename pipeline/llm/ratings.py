@@ -1,39 +1,81 @@
-"""Reading a 1..scale rating and its reason out of a model's answer, from text or log-probabilities.
+"""The rating contract: how a rating is asked for, the answer form, and how it is read back.
 
-The convention every rating prompt follows: the model answers ``Rating: <1-scale>`` on the first
-line and ``Reason: <one or two sentences>`` on the next. Models drift from it ("5/7", "**5**",
-"I'd give it a 6 out of 7"), so parsing is tolerant; when nothing can be read the score is
-``None`` with the raw text and an error kept, never a stand-in number.
+Every rating prompt shows worked examples in one form (:func:`rating_request`)::
+
+    Question: <question>
+    Answer: <answer>
+    Rating: <1-scale>
+    Reason: <one or two sentences>
+
+and the model answers the last example's ``Rating:`` and ``Reason:`` lines (:func:`rating_answer`).
+The score is read from the rating digit's log-probabilities where a backend has them, else by
+parsing the text. Models drift from the form ("5/7", "**5**", "I'd give it a 6 out of 7"), so
+parsing is tolerant; when nothing can be read the score is ``None`` with the raw text and an error
+kept, never a stand-in number.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from pipeline.llm.base import Rating, Usage
 
+SCALE = 7
+"""Ratings run from 1 to ``SCALE``."""
+
+QUESTION_PREFIX = "Question:"
+ANSWER_PREFIX = "Answer:"
 RATING_PREFIX = "Rating:"
 REASON_PREFIX = "Reason:"
+
+
+class WorkedExample(NamedTuple):
+    """A rated answer shown in a rating prompt to anchor the scale."""
+
+    question: str
+    answer: str
+    rating: int
+    reason: str
+
+
+def rating_answer(rating: int | str, reason: str) -> str:
+    """The answer a rating prompt asks for: ``Rating: N`` and, on the next line, ``Reason: ...``."""
+    return f"{RATING_PREFIX} {rating}\n{REASON_PREFIX} {reason}"
+
+
+def rating_request(instruction: str, examples: Sequence[WorkedExample], question: str, answer: str) -> str:
+    """The instruction, the worked examples, then the answer to rate, in the form shown above."""
+    shown = "".join(
+        f"{QUESTION_PREFIX} {e.question}\n{ANSWER_PREFIX} {e.answer}\n{rating_answer(e.rating, e.reason)}\n\n"
+        for e in examples
+    )
+    return f"{instruction}\n\n{shown}{QUESTION_PREFIX} {question}\n{ANSWER_PREFIX} {answer}"
+
+
+def _word(prefix: str) -> str:
+    """The regex of a prefix's word (``Rating:`` -> ``rating``), matched case-insensitively."""
+    return re.escape(prefix.rstrip(":").lower())
+
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
 # Most specific first: an explicit "Rating: 5", then "5/7" or "5 out of 7", then a lone number.
 _PATTERNS = [
-    re.compile(r"\brating\W{0,3}(?:is|of|=)?\W{0,3}" + _NUMBER, re.IGNORECASE),
+    re.compile(rf"\b{_word(RATING_PREFIX)}\W{{0,3}}(?:is|of|=)?\W{{0,3}}" + _NUMBER, re.IGNORECASE),
     re.compile(_NUMBER + r"\s*(?:/|out\s+of)\s*(\d+)\b", re.IGNORECASE),
     re.compile(r"\bscore\W{0,3}(?:is|of|=)?\W{0,3}" + _NUMBER, re.IGNORECASE),
     re.compile(r"\b(?:give|rate|assign)\w*\s+(?:\w+\s+){0,3}?" + _NUMBER, re.IGNORECASE),
     re.compile(r"^\W*" + _NUMBER + r"\b"),
 ]
 _RATING_LABEL = re.compile(
-    r"\brating\W{0,3}(?:is|of|=)?\W{0,3}\d+(?:\.\d+)?(?:\s*/\s*\d+)?\W*", re.IGNORECASE
+    rf"\b{_word(RATING_PREFIX)}\W{{0,3}}(?:is|of|=)?\W{{0,3}}\d+(?:\.\d+)?(?:\s*/\s*\d+)?\W*", re.IGNORECASE
 )
-_REASON = re.compile(r"\breason\W{0,3}:\s*(.*)", re.IGNORECASE | re.DOTALL)
+_REASON = re.compile(rf"\b{_word(REASON_PREFIX)}\W{{0,3}}:\s*(.*)", re.IGNORECASE | re.DOTALL)
 
 
-def parse_score(text: str, scale: int = 7) -> tuple[float | None, str | None]:
+def parse_score(text: str, scale: int = SCALE) -> tuple[float | None, str | None]:
     """Return ``(score, error)``: the first rating found in ``text``, clamped to ``1..scale``.
 
     ``score`` is ``None`` (and ``error`` says why) when the text holds no number that reads as a
@@ -57,7 +99,12 @@ def parse_score(text: str, scale: int = 7) -> tuple[float | None, str | None]:
 
 # Prompts that teach the format by worked examples invite small models to go on writing the next
 # example after their reason; a blank line or a new "Question:"/"Answer:"/"Rating:" line ends it.
-_REASON_END = re.compile(r"\n\s*\n|\n\s*(?:question|answer|rating)\s*:", re.IGNORECASE)
+_REASON_END = re.compile(
+    r"\n\s*\n|\n\s*(?:"
+    + "|".join(_word(p) for p in (QUESTION_PREFIX, ANSWER_PREFIX, RATING_PREFIX))
+    + r")\s*:",
+    re.IGNORECASE,
+)
 
 
 def trim_reason(text: str) -> str:
@@ -117,8 +164,8 @@ def expected_score(distribution: Mapping[int, float]) -> float:
 def find_rating_position(tokens: Iterable[str], scale: int) -> int | None:
     """Index of the token holding the rating digit in a tokenised ``Rating: N`` answer.
 
-    Prefers the first digit token after a token ending in ``:`` (the ``Rating:`` label); falls back
-    to the first allowed digit token at all.
+    Prefers the first digit token after a label ending in ``:`` (``Rating:``); falls back to the
+    first allowed digit token at all.
     """
     tokens = list(tokens)
     first = None
@@ -127,7 +174,7 @@ def find_rating_position(tokens: Iterable[str], scale: int) -> int | None:
         if stripped.isdigit() and 1 <= int(stripped) <= scale:
             if first is None:
                 first = i
-            label = "".join(tokens[max(0, i - 4) : i]).strip().strip("*").lower()
-            if label.endswith("rating:") or label.endswith(":"):
+            label = "".join(tokens[max(0, i - 4) : i]).strip().strip("*")
+            if label.endswith(":"):  # the ``Rating:`` label, or any other label before the digit
                 return i
     return first
