@@ -3,7 +3,15 @@
 Each model answers every question of the pool once (greedy by default). The observers are the
 sandbox's own (same prompts, same rating method: digit log-probabilities where the backend has
 them), so evaluation scores are comparable with the scores recorded during simulation. Several
-models (``--compare``) are scored on the same questions with the same observer and cache.
+models (``--compare``) are scored on the same questions with the same observer and cache, and each
+model after the first is compared with the first question by question (paired differences of the
+observer scores, per aspect, with 95% t intervals).
+
+Every model that runs in-process (``embedded``, a model folder or Hub name) also gets its
+preference accuracy (:mod:`pipeline.preference`): on the shipped labelled pairs (by default their
+test half, alignment aspect) and, with ``--heldout-groups``, on the comparison groups of a
+``sandbox transform`` output built from held-out questions. A model served over HTTP exposes no
+likelihoods of given answers here: its preference accuracy is reported as n/a.
 
 :func:`run_evaluation` does the work; :func:`main` only parses the command line into an
 :class:`EvaluationConfig` and calls it.
@@ -25,13 +33,22 @@ from typing import Any
 
 from pipeline import prompts
 from pipeline.argparsing import parse
+from pipeline.embedded import embedded_model_path
 from pipeline.errors import BackendLoadError, UserError, run_command
 from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build_backend
 from pipeline.llm.base import CacheMode
 from pipeline.llm.factory import MODEL_REFERENCE
 from pipeline.llm.ratings import SCALE
+from pipeline.preference import (
+    PreferencePair,
+    Scorer,
+    group_pairs,
+    labelled_pairs,
+    paired_difference,
+)
 from pipeline.questions import load_questions
 from pipeline.records import ASPECTS
+from pipeline.separability import JUDGE_PAIRS, Split
 from pipeline.textio import format_table, write_atomic
 
 Z_95 = statistics.NormalDist().inv_cdf(0.975)
@@ -51,6 +68,11 @@ class EvaluationConfig:
 
     Generation:
         max_tokens, observer_max_tokens, concurrency.
+
+    Preference accuracy (in-process models only):
+        pairs, pairs_aspect, pairs_split: the labelled good/bad pairs and which of them.
+        heldout_groups: a ``sandbox transform`` output from held-out questions, for a second measure.
+        preference_batch_size: pairs per forward pass.
 
     Cache and output:
         cache, cache_mode: one response cache shared by every model and the observer.
@@ -82,6 +104,29 @@ class EvaluationConfig:
     max_tokens: int = field(default=96, metadata={"help": "longest answer, in tokens"})
     observer_max_tokens: int = field(default=48, metadata={"help": "longest observer reason, in tokens"})
     concurrency: int = field(default=16, metadata={"help": "calls in flight per model"})
+    pairs: str | None = field(
+        default=str(JUDGE_PAIRS),
+        metadata={
+            "help": "labelled good/bad pairs (JSONL rows: question, good, bad, aspect, split) for preference "
+            "accuracy; the default is the shipped set; none skips the measure"
+        },
+    )
+    pairs_aspect: str = field(
+        default="alignment", metadata={"help": f"which pairs: the aspect, one of {', '.join(ASPECTS)}"}
+    )
+    pairs_split: Split | None = field(
+        default="test", metadata={"help": "which pairs: the dev or test half; none: both"}
+    )
+    heldout_groups: str | None = field(
+        default=None,
+        metadata={
+            "help": "a `sandbox transform` output from held-out questions: preference accuracy on the "
+            "best- vs worst-scored answer of its imitation groups"
+        },
+    )
+    preference_batch_size: int = field(
+        default=16, metadata={"help": "pairs per forward pass when measuring preference accuracy"}
+    )
     cache: str | None = field(
         default=None,
         metadata={"help": "response cache (SQLite) shared by all models; without it, OUTPUT/cache.sqlite"},
@@ -106,11 +151,15 @@ class EvaluationConfig:
             raise UserError("--names needs one distinct name per model")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be at least 1, got {self.limit}")
-        for name in ("max_tokens", "observer_max_tokens", "concurrency"):
+        for name in ("max_tokens", "observer_max_tokens", "concurrency", "preference_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.cache_mode not in typing.get_args(CacheMode):
             raise UserError(f"--cache-mode must be one of {', '.join(typing.get_args(CacheMode))}")
+        if self.pairs_aspect not in ASPECTS:
+            raise UserError(f"--pairs-aspect must be one of {', '.join(ASPECTS)}")
+        if self.pairs_split not in (*typing.get_args(Split), None):
+            raise UserError(f"--pairs-split must be one of {', '.join(typing.get_args(Split))} or none")
         if not self.output:
             raise UserError("--output is required: the folder for the scores, table and plot")
         if self.cache is None:
@@ -149,6 +198,91 @@ def summarize(model: str, aspect: str, scores: Sequence[float | None]) -> Summar
     ci = Z_95 * statistics.stdev(read) / math.sqrt(len(read)) if len(read) > 1 else None
     null_share = 1 - len(read) / len(scores) if scores else 0.0
     return Summary(model, aspect, len(scores), mean, ci, null_share)
+
+
+@dataclass(frozen=True)
+class Preference:
+    """Preference accuracy of one model on one set of pairs (``accuracy`` ``None``: not measurable)."""
+
+    model: str
+    pairs: str  # a key of EvaluationResult.pair_sets
+    n: int
+    accuracy: float | None  # share of pairs whose good answer has the lower mean token NLL
+    low: float | None  # 95% Wilson score interval
+    high: float | None
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean observer-score difference ``model - baseline`` over the questions both were scored on."""
+
+    model: str
+    baseline: str
+    aspect: str
+    n: int
+    mean: float | None
+    low: float | None  # 95% Student t interval of the mean difference
+    high: float | None
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Everything ``summary.json`` holds: observer scores, preference accuracies, paired differences."""
+
+    summaries: list[Summary]
+    preference: list[Preference]
+    paired: list[PairedDifference]
+    pair_sets: dict[str, str]  # key of a set of pairs -> what it is, in words
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "observer_scores": [dataclasses.asdict(s) for s in self.summaries],
+            "preference_accuracy": [dataclasses.asdict(p) for p in self.preference],
+            "pair_sets": self.pair_sets,
+            "paired_differences": [dataclasses.asdict(d) for d in self.paired],
+        }
+
+
+def paired_differences(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> list[PairedDifference]:
+    """Each model after the first against the first, per aspect, question by question.
+
+    ``rows`` are :func:`evaluate_models`' rows: every model's in the same question order.
+    """
+    baseline, *others = models
+    scores = {m: [r for r in rows if r["model"] == m] for m in models}
+    differences = []
+    for model in others:
+        for aspect in ASPECTS:
+            e = paired_difference([r[aspect] for r in scores[baseline]], [r[aspect] for r in scores[model]])
+            differences.append(PairedDifference(model, baseline, aspect, e.n, e.value, e.low, e.high))
+    return differences
+
+
+def _scoring_path(spec: BackendSpec) -> str | Path | None:
+    """Where an in-process model's weights are; ``None`` for a model served over HTTP."""
+    if spec.kind == "embedded":
+        return embedded_model_path()
+    return spec.model if spec.kind == "local" else None
+
+
+def measure_preference(
+    models: dict[str, BackendSpec], pair_sets: dict[str, list[PreferencePair]], batch_size: int
+) -> list[Preference]:
+    """Preference accuracy of every model on every set of pairs (n/a for models served over HTTP)."""
+    results = []
+    for name, spec in models.items():
+        path = _scoring_path(spec)
+        scorer = Scorer.load(path) if path is not None and pair_sets else None
+        for key, pairs in pair_sets.items():
+            if scorer is None:
+                results.append(Preference(name, key, 0, None, None, None))
+                continue
+            print(
+                f"preference accuracy of {name} on {len(pairs)} {key} pairs ...", file=sys.stderr, flush=True
+            )
+            e = scorer.preference_accuracy(pairs, batch_size)
+            results.append(Preference(name, key, e.n, e.value, e.low, e.high))
+    return results
 
 
 async def _answer(backend: ChatBackend, question: str) -> tuple[str | None, str | None]:
@@ -238,6 +372,53 @@ def summary_table(summaries: Sequence[Summary], *, markdown: bool = False) -> st
     return format_table(["model", "n", *ASPECTS], rows, markdown=markdown)
 
 
+def _interval(value: float | None, low: float | None, high: float | None, n: int, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    interval = f" [{low:{fmt}}, {high:{fmt}}]" if low is not None and high is not None else ""
+    return f"{value:{fmt}}{interval} (n={n})"
+
+
+def preference_table(result: EvaluationResult, *, markdown: bool = False) -> str:
+    """Models as rows, sets of pairs as columns: ``accuracy [95% interval] (n=...)``, n/a where not measurable."""
+    by_key = {(p.model, p.pairs): p for p in result.preference}
+    models = list(dict.fromkeys(p.model for p in result.preference))
+    rows = []
+    for m in models:
+        cells = [by_key[m, k] for k in result.pair_sets]
+        rows.append([m, *(_interval(p.accuracy, p.low, p.high, p.n, ".2f") for p in cells)])
+    return format_table(["model", *result.pair_sets.values()], rows, markdown=markdown)
+
+
+def paired_table(result: EvaluationResult, *, markdown: bool = False) -> str:
+    """Each model against the baseline, aspects as columns: ``mean [95% interval] (n=...)``."""
+    by_key = {(d.model, d.aspect): d for d in result.paired}
+    models = list(dict.fromkeys(d.model for d in result.paired))
+    rows = []
+    for m in models:
+        cells = [by_key[m, a] for a in ASPECTS]
+        rows.append(
+            [f"{m} - {cells[0].baseline}", *(_interval(d.mean, d.low, d.high, d.n, "+.2f") for d in cells)]
+        )
+    return format_table(["observer score difference", *ASPECTS], rows, markdown=markdown)
+
+
+def results_table(result: EvaluationResult, *, markdown: bool = False) -> str:
+    """The printed results (and ``table.txt``): observer scores, preference accuracy, paired differences."""
+    parts = [summary_table(result.summaries, markdown=markdown)]
+    if result.preference:
+        parts.append(
+            "preference accuracy: share of pairs whose good answer the model finds more likely "
+            "(lower mean token NLL), 95% Wilson interval\n" + preference_table(result, markdown=markdown)
+        )
+    if result.paired:
+        parts.append(
+            "paired observer score differences over the same questions, 95% t interval\n"
+            + paired_table(result, markdown=markdown)
+        )
+    return "\n\n".join(parts)
+
+
 def plot_comparison(summaries: Sequence[Summary], path: Path) -> None:
     """Bars of mean observer score per model and aspect, with 95% intervals."""
     import matplotlib
@@ -283,17 +464,15 @@ def warn_overlap(questions: Sequence[str], other_pool: str) -> int:
     return overlap
 
 
-def save(rows: list[dict[str, Any]], summaries: Sequence[Summary], output: Path) -> None:
-    """Write per-question scores (a ``datasets`` folder), the summary (JSON and table) and the plot."""
+def save(rows: list[dict[str, Any]], result: EvaluationResult, output: Path) -> None:
+    """Write per-question scores (a ``datasets`` folder), the results (JSON and table) and the plot."""
     from datasets import Dataset
 
     Dataset.from_list(rows).save_to_disk(str(output / "scores"))
-    write_atomic(output / "table.txt", summary_table(summaries) + "\n")
-    plot_comparison(summaries, output / "evaluation.png")
+    write_atomic(output / "table.txt", results_table(result) + "\n")
+    plot_comparison(result.summaries, output / "evaluation.png")
     # Written last: its presence marks a finished evaluation (``make run`` skips the stage).
-    write_atomic(
-        output / "summary.json", json.dumps([dataclasses.asdict(s) for s in summaries], indent=2) + "\n"
-    )
+    write_atomic(output / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
 
 
 def _make_output(output: Path) -> Path:
@@ -304,17 +483,32 @@ def _make_output(output: Path) -> Path:
     return output
 
 
-def run_evaluation(config: EvaluationConfig) -> list[Summary]:
+def load_pair_sets(config: EvaluationConfig) -> dict[str, tuple[str, list[PreferencePair]]]:
+    """The sets of pairs preference accuracy is measured on: key -> (what it is, pairs)."""
+    sets = {}
+    if config.pairs:
+        half = config.pairs_split or "dev+test"
+        pairs = labelled_pairs(config.pairs, config.pairs_aspect, config.pairs_split)
+        sets["labelled"] = (f"labelled pairs ({half}, {config.pairs_aspect})", pairs)
+    if config.heldout_groups:
+        sets["heldout_groups"] = ("held-out groups (best vs worst)", group_pairs(config.heldout_groups))
+    return sets
+
+
+def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     """Evaluate ``config``'s models and write the results to ``config.output``.
 
-    Returns one :class:`Summary` per model and aspect (models in order, then :data:`ASPECTS`):
-    what ``summary.json`` holds. Raises :class:`UserError` for a bad pool or output folder and
-    :class:`BackendLoadError` for a model that cannot be loaded or reached; nothing is written
-    to the output folder but the response cache until every model is scored.
+    Returns what ``summary.json`` holds: one :class:`Summary` per model and aspect (models in
+    order, then :data:`ASPECTS`), one :class:`Preference` per model and set of pairs, and one
+    :class:`PairedDifference` per model after the first and aspect. Raises :class:`UserError` for
+    a bad pool, set of pairs or output folder and :class:`BackendLoadError` for a model that
+    cannot be loaded or reached; nothing is written to the output folder but the response cache
+    until every model is scored.
     """
     questions = load_questions(config.questions, column=config.column)[: config.limit]
     if config.simulation_questions:
         warn_overlap(questions, config.simulation_questions)
+    pair_sets = load_pair_sets(config)
     common = {
         "max_concurrency": config.concurrency,
         "cache_path": config.cache,
@@ -326,9 +520,16 @@ def run_evaluation(config: EvaluationConfig) -> list[Summary]:
     observer = backend_spec(config.observer, max_tokens=config.observer_max_tokens, **common)
     output = _make_output(config.output_dir)
     rows = asyncio.run(evaluate_models(models, observer, questions))
-    summaries = [summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS]
-    save(rows, summaries, output)
-    return summaries
+    result = EvaluationResult(
+        summaries=[summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS],
+        preference=measure_preference(
+            models, {k: pairs for k, (_, pairs) in pair_sets.items()}, config.preference_batch_size
+        ),
+        paired=paired_differences(rows, list(models)),
+        pair_sets={k: description for k, (description, _) in pair_sets.items()},
+    )
+    save(rows, result, output)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -336,9 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         config, _ = parse(EvaluationConfig, argv, prog, __doc__.splitlines()[0])
-        summaries = run_evaluation(config)
+        result = run_evaluation(config)
         output = config.output_dir
-        print(summary_table(summaries))
+        print(results_table(result))
         print(f"per-question scores: {output / 'scores'}; plot: {output / 'evaluation.png'}")
 
     return run_command(prog, body)

@@ -13,6 +13,8 @@ from pipeline import evaluate
 from pipeline.argparsing import parse
 from pipeline.errors import UserError
 from pipeline.llm import backend_spec
+from pipeline.preference import PreferencePair, question_prompt
+from pipeline.separability import load_judge_pairs
 
 
 @pytest.fixture
@@ -43,13 +45,28 @@ def test_compare_two_models(tiny_model_dir: Path, pool: Path, tmp_path: Path, ca
     # The observer reads digit log-probabilities from the local model, so every answer is scored.
     for aspect in evaluate.ASPECTS:
         assert all(1 <= s <= 7 for s in scores[aspect])
-    summary = json.loads((output / "summary.json").read_text())
+    written = json.loads((output / "summary.json").read_text())
+    summary = written["observer_scores"]
     assert {(s["model"], s["aspect"]) for s in summary} == {(m, a) for m in "ab" for a in evaluate.ASPECTS}
     # Same greedy model, same questions, same observer: the two columns agree exactly.
     by = {(s["model"], s["aspect"]): s for s in summary}
     for aspect in evaluate.ASPECTS:
         assert math.isclose(by["a", aspect]["mean"], by["b", aspect]["mean"])
         assert by["a", aspect]["null_share"] == 0
+    # ... so every paired difference is exactly 0 over the 3 questions, and so is its interval.
+    assert [(d["model"], d["baseline"], d["aspect"]) for d in written["paired_differences"]] == [
+        ("b", "a", aspect) for aspect in evaluate.ASPECTS
+    ]
+    for d in written["paired_differences"]:
+        assert (d["n"], d["mean"], d["low"], d["high"]) == (3, 0.0, 0.0, 0.0)
+    # Both in-process: preference accuracy on the shipped test half of the alignment pairs, alike.
+    assert written["pair_sets"] == {"labelled": "labelled pairs (test, alignment)"}
+    (pa, pb) = written["preference_accuracy"]
+    assert (pa["model"], pb["model"], pa["pairs"]) == ("a", "b", "labelled")
+    assert pa["n"] == len(load_judge_pairs("alignment", "test")) and 0 <= pa["accuracy"] <= 1
+    assert pa["low"] <= pa["accuracy"] <= pa["high"]
+    assert {k: v for k, v in pa.items() if k != "model"} == {k: v for k, v in pb.items() if k != "model"}
+    assert "preference accuracy" in table and "paired observer score differences" in table
     assert (output / "evaluation.png").stat().st_size > 1000
 
 
@@ -112,11 +129,27 @@ def test_run_evaluation_returns_the_summaries_it_writes(
         output=str(tmp_path / "eval"),
     )
     assert config.cache == str(tmp_path / "eval" / "cache.sqlite")
-    summaries = evaluate.run_evaluation(config)
+    result = evaluate.run_evaluation(config)
+    summaries = result.summaries
     assert [(s.model, s.aspect, s.n) for s in summaries] == [("tiny", a, 2) for a in evaluate.ASPECTS]
     written = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert written == [s.__dict__ for s in summaries]
-    assert (tmp_path / "eval" / "table.txt").read_text() == evaluate.summary_table(summaries) + "\n"
+    assert written["observer_scores"] == [s.__dict__ for s in summaries]
+    assert written == result.to_json()
+    assert [(p.model, p.pairs) for p in result.preference] == [("tiny", "labelled")] and result.paired == []
+    assert (tmp_path / "eval" / "table.txt").read_text() == evaluate.results_table(result) + "\n"
+
+
+def test_preference_is_na_for_http_models_and_skipped_without_pairs(tiny_model_dir: Path) -> None:
+    pairs = [PreferencePair(question_prompt("Is honesty fair?"), "Yes, it is.", "No.")]
+    models = {"local": backend_spec(str(tiny_model_dir)), "served": backend_spec("m@http://127.0.0.1:9/v1")}
+    local, served = evaluate.measure_preference(models, {"labelled": pairs}, batch_size=4)
+    assert (local.n, served.n, served.accuracy) == (1, 0, None)
+    assert local.accuracy in (0.0, 1.0) and local.low is not None
+    result = evaluate.EvaluationResult([], [local, served], [], {"labelled": "labelled pairs"})
+    assert evaluate.preference_table(result).splitlines()[-1].split()[-1] == "n/a"
+    assert evaluate.measure_preference(models, {}, batch_size=4) == []
+    config = evaluate.EvaluationConfig(model="embedded", pairs=None, output="o")
+    assert evaluate.load_pair_sets(config) == {}
 
 
 def test_config_file_and_flags(tmp_path: Path) -> None:
@@ -141,6 +174,12 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ({"model": "a", "concurrency": 0, "output": "o"}, "--concurrency must be at least 1"),
         ({"model": "a", "cache_mode": "sometimes", "output": "o"}, "--cache-mode must be one of"),
         ({"model": "a"}, "--output is required"),
+        ({"model": "a", "pairs_aspect": "style", "output": "o"}, "--pairs-aspect must be one of"),
+        ({"model": "a", "pairs_split": "train", "output": "o"}, "--pairs-split must be one of"),
+        (
+            {"model": "a", "preference_batch_size": 0, "output": "o"},
+            "--preference-batch-size must be at least 1",
+        ),
     ],
 )
 def test_config_refuses_bad_settings(fields: dict, expected: str) -> None:
@@ -154,6 +193,14 @@ def test_cli_bad_settings_are_one_line(tmp_path: Path, capsys) -> None:
         (["--model", "embedded"], "--output is required"),
         (["--compare", "embedded", "--output", str(output)], "two or more"),
         (["--model", "embedded", "--cache-mode", "sometimes", "--output", str(output)], "--cache-mode"),
+        (
+            ["--model", "embedded", "--pairs", str(tmp_path / "none.jsonl"), "--output", str(output)],
+            "cannot read",
+        ),
+        (
+            ["--model", "embedded", "--heldout-groups", str(tmp_path), "--output", str(output)],
+            "not a `sandbox",
+        ),
     ):
         code = evaluate.main(argv)
         err = capsys.readouterr().err
