@@ -1,4 +1,5 @@
-"""Real multi-process launches of recipes/train.py on CPU: DDP and DeepSpeed ZeRO-2 / ZeRO-3, 2 processes each."""
+"""Real multi-process launches of recipes/train.py on CPU: DDP and DeepSpeed ZeRO-2 / ZeRO-3, 2 processes each, and
+a launch on bad data that every process refuses before training."""
 
 from __future__ import annotations
 
@@ -71,19 +72,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accelerate_launch(launch_args: list[str], recipe_args: list[str]) -> subprocess.CompletedProcess:
+    command = [
+        str(ACCELERATE), "launch", *launch_args, "--main_process_port", str(free_port()),
+        "recipes/train.py", "--config", "recipes/configs/train_tiny_cpu.yaml", *recipe_args,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_two_process_launch_trains_and_saves_a_reloadable_model(launch, tiny_model_dir, groups_dir, tmp_path):
     output_dir = tmp_path / "out"
-    command = [
-        str(ACCELERATE), "launch", *LAUNCHES[launch], "--main_process_port", str(free_port()),
-        "recipes/train.py", "--config", "recipes/configs/train_tiny_cpu.yaml",
-        "--model_name_or_path", str(tiny_model_dir),
-        "--dataset_name", str(groups_dir), "--dataset_config", "mixed",
-        "--output_dir", str(output_dir),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = accelerate_launch(
+        LAUNCHES[launch],
+        ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(groups_dir), "--dataset_config", "mixed",
+         "--output_dir", str(output_dir)],
+    )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     # The world size is printed by the main process from the trainer's accelerator: 2 really ran.
@@ -99,3 +105,32 @@ def test_two_process_launch_trains_and_saves_a_reloadable_model(launch, tiny_mod
         assert a.shape == b.shape and torch.isfinite(a).all(), name
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
     assert "stable-alignment" in (output_dir / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_process_launch_refuses_a_nan_score_on_every_process_before_training(tiny_model_dir, tmp_path):
+    data = tmp_path / "groups.parquet"
+    scores = [[6.0, 2.0], [7.0, float("nan")]]
+    Dataset.from_dict(
+        {"prompt": ["q", "r"], "completions": [["a", "b"], ["c", "d"]], "scores": scores}
+    ).to_parquet(data)
+    output_dir = tmp_path / "out"
+    result = accelerate_launch(
+        LAUNCHES["ddp"],
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(output_dir),
+        ],
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # The first line that reports an error is the recipe's own, naming the row (accelerate adds its lines after it)
+    first_error = next(line for line in output.splitlines() if "error" in line.lower())
+    assert first_error == (
+        f"train.py: error: row 1 of split 'train' of {data}: the score nan must be a finite number"
+    ), output[-3000:]
+    assert "process(es)" not in output and not output_dir.exists()

@@ -110,3 +110,21 @@ def test_bad_arguments_raise():
         loss([[1.0]], [[1.0]], reduction="sum")
     with pytest.raises(ValueError, match="at least one"):
         loss([[1.0]], [[1.0]], [[False]])
+
+
+def test_non_finite_scores_or_nlls_raise_naming_the_slot():
+    for nll, scores, message in [
+        ([[1.0, float("nan")]], [[7.0, 1.0]], r"non-finite nll \(nan\) in group 0, slot 1"),
+        ([[1.0, 2.0]], [[7.0, float("inf")]], r"non-finite scores \(inf\) in group 0, slot 1"),
+        (
+            [[1.0, 2.0], [float("-inf"), 1.0]],
+            [[7.0, 1.0], [2.0, 3.0]],
+            r"non-finite nll \(-inf\) in group 1, slot 0",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            loss(nll, scores)
+    # A masked slot may hold anything, NaN included: it never reaches the loss
+    assert loss(
+        [[1.0, 2.0, 1.5, float("nan")]], [[7.0, 5.0, 1.0, float("nan")]], [[True, True, True, False]]
+    ).item() == (pytest.approx(MEAN_LOSS, abs=1e-6))

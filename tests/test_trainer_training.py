@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import re
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.errors import UserError
 from trainers import StableAlignmentConfig, StableAlignmentTrainer, stable_alignment_loss
+from trainers.data import load_comparison_groups, validate_groups
+from trainers.model_card import hub_id, model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +152,75 @@ def test_text_training_changes_weights_reports_metrics_and_writes_card(tiny_mode
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "stable-alignment" in card and "liu2023training" in card and "2305.16960" in card
+    # Trained from a local folder and saved without a Hub repository: the card names both, never "None"
+    assert f"fine-tuned version of the local model `{tiny_model_dir.name}`" in card
+    assert f'model="{tmp_path / "out"}"' in card and "None" not in card
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(reloaded.lm_head.weight, trainer.model.lm_head.weight)
+
+
+def test_model_card_links_hub_models_and_names_local_ones(tmp_path):
+    snapshot = tmp_path / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert hub_id(str(snapshot)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id(str(tmp_path)) is None and hub_id("a.jsonl,b.jsonl") is None
+
+    common = {"model_name": "m", "trainer_name": "Stable Alignment", "paper": StableAlignmentTrainer._paper}
+    card = str(
+        model_card(base_model=str(snapshot), location="me/m", tags=["t"], dataset_name="me/groups", **common)
+    )
+    assert (
+        "fine-tuned version of [HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/"
+        in card
+    )
+    assert "on [me/groups](https://huggingface.co/datasets/me/groups)" in card and 'model="me/m"' in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    (tmp_path / "g.jsonl").touch()
+    local = str(
+        model_card(
+            base_model=str(tmp_path),
+            location="out",
+            tags=[],
+            dataset_name=str(tmp_path / "g.jsonl"),
+            **common,
+        )
+    )
+    assert f"the local model `{tmp_path.name}` on the local dataset `g.jsonl`" in local
+    assert "base_model" not in local
+
+
+def test_eval_diagnostics_are_means_over_groups_not_batches(tiny_model_dir, tmp_path):
+    """6 groups in eval batches of 5 and 1: each diagnostic is the mean over the 6 groups, computed here by hand."""
+    data = {key: [*values, values[0]] for key, values in TEXT_GROUPS.items()}
+    data["prompt"][-1] = "Rating: 2. Reason:"
+    trainer = StableAlignmentTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, per_device_eval_batch_size=5),
+        train_dataset=Dataset.from_dict(data),
+        eval_dataset=Dataset.from_dict(data),
+    )
+    metrics = trainer.evaluate()
+
+    model = trainer.model.eval()
+    best, others = [], []
+    for row in trainer.eval_dataset:
+        nlls = []
+        for completion in row["completion_ids"]:
+            ids = torch.tensor([row["prompt_ids"] + completion])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            token_logps = logps.gather(1, ids[0, 1:, None])[len(row["prompt_ids"]) - 1 :]
+            nlls.append(-token_logps.mean().item())
+        top = row["scores"].index(max(row["scores"]))
+        best.append(nlls[top])
+        if len(nlls) > 1:
+            others.append(sum(nll for k, nll in enumerate(nlls) if k != top) / (len(nlls) - 1))
+    assert len(best) == 6 and len(others) == 5
+    assert metrics["eval_nll/best"] == pytest.approx(sum(best) / 6, abs=1e-4)
+    assert metrics["eval_nll/others"] == pytest.approx(sum(others) / 5, abs=1e-4)
+    # The mean of the two batch means (what was logged before) is measurably different here
+    assert abs((sum(best[:5]) / 5 + best[5]) / 2 - sum(best) / 6) > 1e-3
 
 
 def test_conversational_groups_use_the_chat_template_and_mask_the_prompt(tiny_model_dir, tmp_path):
@@ -220,7 +291,16 @@ def test_over_long_group_is_dropped_and_counted_never_nan(tiny_model_dir, tmp_pa
     assert max(len(b) for b in kept.data_collator([kept.train_dataset[5]])["input_ids"]) == max_length
 
 
-def test_bad_input_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+def run_recipe(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """`python recipes/train.py ARGV`, in this process: its exit status and its stderr."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the checkout on sys.path
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "recipes" / "train.py"), run_name="__main__")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_input_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="scores"):
         make_trainer(tiny_model_dir, tmp_path, data={"prompt": ["q"], "completions": [["a"]]})
     with pytest.raises(ValueError, match="one score per completion"):
@@ -228,15 +308,87 @@ def test_bad_input_is_refused(tiny_model_dir, tmp_path, monkeypatch):
             tiny_model_dir, tmp_path, data={"prompt": ["q"], "completions": [["a", "b"]], "scores": [[1.0]]}
         )
 
-    spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "recipes" / "train.py")
-    recipe = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, recipe)  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(recipe)
     argv = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "never")]
-    assert recipe.cli([*argv, "--dataset_name", str(tmp_path / "missing")]) == 2
+    assert run_recipe([*argv, "--dataset_name", str(tmp_path / "missing")], monkeypatch, capsys)[0] == 2
     Dataset.from_dict({"prompt": ["q"]}).save_to_disk(str(tmp_path / "bad"))
-    assert recipe.cli([*argv, "--dataset_name", str(tmp_path / "bad")]) == 2
+    assert run_recipe([*argv, "--dataset_name", str(tmp_path / "bad")], monkeypatch, capsys)[0] == 2
     assert not (tmp_path / "never").exists()
+
+
+BAD_INPUTS = {
+    "scores_shorter": "row 1 of split 'train' of {data} has 2 completion(s) and 1 score(s)",
+    "empty_file": "the dataset file {data} is empty",
+    "no_model": "no model folder {model}",
+    "nan_score": "row 1 of split 'train' of {data}: the score nan must be a finite number",
+    "off_scale_score": "row 0 of split 'train' of {data}: the score 70.0 is outside the rating scale [0, 7]",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_recipe_reports_bad_input_in_one_line(case, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Each bad input a new user may try: one line on stderr, exit 2, no traceback, nothing written."""
+    data, model = tmp_path / "groups.parquet", str(tiny_model_dir)
+    completions, scores = [["a", "b"], ["c", "d"]], [[6.0, 1.0], [5.0, 2.0]]
+    if case == "scores_shorter":
+        scores[1] = [5.0]
+    elif case == "empty_file":
+        data = tmp_path / "groups.jsonl"
+        data.touch()
+    elif case == "no_model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "nan_score":
+        scores[1][1] = float("nan")
+    elif case == "off_scale_score":
+        scores[0][0] = 70.0
+    if case != "empty_file":
+        Dataset.from_dict({"prompt": ["q", "r"], "completions": completions, "scores": scores}).to_parquet(
+            data
+        )
+    argv = [
+        "--config", str(ROOT / "recipes" / "configs" / "train_tiny_cpu.yaml"), "--model_name_or_path", model,
+        "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    status, stderr = run_recipe(argv, monkeypatch, capsys)
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"train.py: error: {BAD_INPUTS[case].format(data=data, model=model)}"
+    ), stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_groups_names_the_first_bad_row():
+    def check(completions, scores, rating_scale=7.0):
+        dataset = Dataset.from_dict(
+            {"prompt": ["q"] * len(scores), "completions": completions, "scores": scores}
+        )
+        validate_groups(dataset, rating_scale, "the groups")
+
+    check([["a", "b"], ["c"]], [[7.0, 0.0], [3]])  # the whole closed scale is allowed
+    check([["a"]], [[9.5]], rating_scale=10)
+    for completions, scores, message in [
+        ([["a"], []], [[1.0], []], "row 1 of the groups has 0 completion(s)"),
+        (
+            [["a"], ["b", "c"]],
+            [[1.0], [1.0, 2.0, 3.0]],
+            "row 1 of the groups has 2 completion(s) and 3 score",
+        ),
+        ([["a", "b"]], [[1.0, None]], "row 0 of the groups: the score nan must be a finite number"),
+        ([["a"], ["b"]], [[1.0], [float("inf")]], "row 1 of the groups: the score inf must be"),
+        ([["a"], ["b"]], [[1.0], [-1.0]], "row 1 of the groups: the score -1.0 is outside the rating scale"),
+        ([["a"]], [["high"]], "the scores of the groups must be lists of numbers"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            check(completions, scores)
+    with pytest.raises(UserError, match="holds no comparison group"):
+        validate_groups(Dataset.from_dict({"prompt": [], "completions": [], "scores": []}), 7.0, "the groups")
+    # Row numbers are those of the dataset as given, after a selection or shuffle
+    shuffled = Dataset.from_dict(
+        {"prompt": ["q"] * 3, "completions": [["a"]] * 3, "scores": [[1.0], [float("nan")], [2.0]]}
+    ).select([1, 0, 2])
+    with pytest.raises(UserError, match="row 0 of"):
+        validate_groups(shuffled, 7.0)
 
 
 def test_loss_is_reusable_inside_trls_sft_trainer(tiny_model_dir, tmp_path):
@@ -284,17 +436,11 @@ def test_loss_is_reusable_inside_trls_sft_trainer(tiny_model_dir, tmp_path):
     assert not torch.equal(before, model.lm_head.weight)
 
 
-def test_recipe_loads_groups_from_folders_and_files(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "recipes" / "train.py")
-    recipe = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, recipe)
-    spec.loader.exec_module(recipe)
+def test_recipe_loads_groups_from_folders_and_files(tmp_path):
     groups = Dataset.from_dict(conversational(TEXT_GROUPS))
     groups.save_to_disk(str(tmp_path / "plain"))
     groups.to_parquet(str(tmp_path / "groups.parquet"))
     groups.to_json(str(tmp_path / "groups.jsonl"))
-    from datasets import DatasetDict
-
     DatasetDict({"train": groups, "test": groups.select([0])}).save_to_disk(str(tmp_path / "out" / "mixed"))
     for name, config in [
         (tmp_path / "plain", None),
@@ -302,9 +448,9 @@ def test_recipe_loads_groups_from_folders_and_files(tmp_path, monkeypatch):
         (tmp_path / "groups.parquet", None),
         (tmp_path / "groups.jsonl", None),
     ]:
-        loaded = recipe.load_comparison_groups(str(name), config)
+        loaded = load_comparison_groups(str(name), config)
         assert loaded["train"]["scores"] == TEXT_GROUPS["scores"], name
         assert loaded["train"][0]["completions"][0] == [
             {"role": "assistant", "content": " Honesty is kindness."}
         ]
-    assert len(recipe.load_comparison_groups(str(tmp_path / "out"), "mixed")["test"]) == 1
+    assert len(load_comparison_groups(str(tmp_path / "out"), "mixed")["test"]) == 1

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from transformers.data.data_collator import DataCollatorMixin
-from trl.trainer.utils import pad
+
+from ._trl import pad
+
+TruncationMode = Literal["keep_start", "keep_end"]
 
 
 @dataclass
@@ -61,7 +64,7 @@ class DataCollatorForComparisonGroups(DataCollatorMixin):
 
     pad_token_id: int
     max_length: int | None = None
-    truncation_mode: str = "keep_start"
+    truncation_mode: TruncationMode = "keep_start"
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
 
@@ -72,7 +75,9 @@ class DataCollatorForComparisonGroups(DataCollatorMixin):
             return ids[: self.max_length], mask[: self.max_length]
         if self.truncation_mode == "keep_end":
             return ids[-self.max_length :], mask[-self.max_length :]
-        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+        raise ValueError(
+            f"truncation_mode must be one of {get_args(TruncationMode)}, got {self.truncation_mode!r}"
+        )
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids, completion_mask = [], []

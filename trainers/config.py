@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
+
+from pipeline.errors import UserError
+
+from .collator import TruncationMode
+from .loss import Reduction
 
 
 @dataclass
@@ -139,12 +144,11 @@ class StableAlignmentConfig(TrainingArguments):
             "according to `truncation_mode`. If `None`, no truncation is applied."
         },
     )
-    truncation_mode: str = field(
+    truncation_mode: TruncationMode = field(
         default="keep_start",
         metadata={
             "help": "Which end of an over-long sequence to keep: `'keep_start'` cuts the end of the completion, "
-            "`'keep_end'` cuts the start of the prompt.",
-            "choices": ["keep_start", "keep_end"],
+            "`'keep_end'` cuts the start of the prompt."
         },
     )
     pad_to_multiple_of: int | None = field(
@@ -168,12 +172,9 @@ class StableAlignmentConfig(TrainingArguments):
         default=7.0,
         metadata={"help": "Top of the rating scale used by the scores."},
     )
-    reduction: str = field(
+    reduction: Reduction = field(
         default="mean",
-        metadata={
-            "help": "How the penalties of the lower-rated completions of a group are combined.",
-            "choices": ["mean", "max"],
-        },
+        metadata={"help": "How the penalties of the lower-rated completions of a group are combined."},
     )
     max_completions: int | None = field(
         default=None,
@@ -195,14 +196,11 @@ class StableAlignmentConfig(TrainingArguments):
                 and torch.cuda.is_available()
                 and torch.cuda.is_bf16_supported()
             )
-        if self.reduction not in ("mean", "max"):
-            raise ValueError(f"reduction must be 'mean' or 'max', got {self.reduction!r}")
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(
-                f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}"
-            )
+        for name, choices in (("reduction", Reduction), ("truncation_mode", TruncationMode)):
+            if getattr(self, name) not in get_args(choices):
+                raise UserError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")
         if self.max_completions is not None and self.max_completions < 1:
-            raise ValueError(f"max_completions must be at least 1, got {self.max_completions}")
+            raise UserError(f"max_completions must be at least 1, got {self.max_completions}")
         if self.rating_scale <= 0:
-            raise ValueError(f"rating_scale must be positive, got {self.rating_scale}")
+            raise UserError(f"rating_scale must be positive, got {self.rating_scale}")
         super().__post_init__()

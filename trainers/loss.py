@@ -6,7 +6,7 @@ negative log-likelihood can call :func:`stable_alignment_loss` in its ``compute_
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -59,8 +59,8 @@ def stable_alignment_diagnostics(
 
     Args:
         nll (`torch.Tensor` of shape `[B, K]`):
-            Per-completion mean token negative log-likelihood. Values in masked slots are ignored (they may be
-            anything finite).
+            Per-completion mean token negative log-likelihood. Values in masked slots are ignored; a non-finite value
+            in a real slot (as in `scores`) raises a `ValueError`.
         scores (`torch.Tensor` of shape `[B, K]`):
             Rating of each completion, on `1..rating_scale`.
         mask (`torch.BoolTensor` of shape `[B, K]`):
@@ -75,11 +75,19 @@ def stable_alignment_diagnostics(
     Returns:
         [`StableAlignmentDiagnostics`]: the per-group terms.
     """
-    if reduction not in ("mean", "max"):
-        raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
+    if reduction not in get_args(Reduction):
+        raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}")
     mask = mask.bool()
     if not bool(mask.any(dim=1).all()):
         raise ValueError("every group needs at least one real completion (a row of `mask` is all False)")
+    # A NaN would otherwise flow silently into the loss and the weights; refuse it where it first shows.
+    for name, values in (("scores", scores), ("nll", nll)):
+        finite = torch.isfinite(values) | ~mask
+        if not bool(finite.all()):
+            group, slot = (~finite).nonzero()[0].tolist()
+            raise ValueError(
+                f"non-finite {name} ({values[group, slot].item()}) in group {group}, slot {slot}"
+            )
     scores = scores.to(nll.dtype)
     best_index = best_completion_index(scores, mask)
     best_nll = nll.gather(1, best_index[:, None]).squeeze(1)

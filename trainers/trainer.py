@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -21,28 +23,31 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.utils import is_peft_available
-from trl.data_utils import common_prefix_length, is_conversational
-from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import (
+from trl import is_conversational
+
+from pipeline.errors import UserError
+
+from ._trl import (
+    _BaseTrainer,
     add_fused_lm_head,
+    common_prefix_length,
     create_model_from_path,
     disable_dropout_in_model,
     get_config_model_id,
     global_then_local_main_first,
 )
-
 from .collator import DataCollatorForComparisonGroups
 from .config import StableAlignmentConfig
+from .data import TOKENIZED_COLUMNS, validate_groups
 from .loss import best_completion_index, stable_alignment_diagnostics, stable_alignment_loss
+from .model_card import model_card
 
 if is_peft_available():
     from peft import PeftConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
 logger = get_logger(__name__)
-
-REQUIRED_COLUMNS = ("prompt", "completions", "scores")
-TOKENIZED_COLUMNS = ["prompt_ids", "completion_ids", "scores"]
+T = TypeVar("T")
 
 
 def tokenize_group(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -50,14 +55,10 @@ def tokenize_group(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) 
 
     Conversational groups go through the chat template (the prompt with the generation prompt, each completion as the
     following assistant turn); text completions get the EOS token appended when they lack it. The completions start
-    where the tokenized prompt and the tokenized prompt + completion diverge, as in TRL.
+    where the tokenized prompt and the tokenized prompt + completion diverge, as in TRL. The group must have passed
+    [`validate_groups`].
     """
     prompt, completions, scores = example["prompt"], example["completions"], example["scores"]
-    if not completions or len(completions) != len(scores):
-        raise ValueError(
-            f"each group needs at least one completion and one score per completion, got {len(completions)} "
-            f"completions and {len(scores)} scores"
-        )
     if is_conversational({"prompt": prompt}):
         prompt_ids = tokenizer.apply_chat_template(
             prompt, tokenize=True, add_generation_prompt=True, return_dict=True
@@ -90,6 +91,17 @@ def keeps_completion_tokens(example: dict[str, Any], max_length: int | None, tru
     # `keep_end` cuts the prompt first, so only `keep_start` can truncate a completion away (all of them at once,
     # since they share the prompt).
     return max_length is None or truncation_mode == "keep_end" or len(example["prompt_ids"]) < max_length
+
+
+def load_pretrained(loader: Callable[..., T], name: str, **kwargs: Any) -> T:
+    """`loader(name, **kwargs)` for a model or tokenizer, a missing or unreadable one reported as a `UserError`."""
+    path = Path(name).expanduser()
+    if not path.is_dir() and (path.is_absolute() or name.startswith((".", "~"))):
+        raise UserError(f"no model folder {name}")
+    try:
+        return loader(name, **kwargs)
+    except OSError as error:
+        raise UserError(f"cannot load {name}: {error}") from error
 
 
 class StableAlignmentTrainer(_BaseTrainer):
@@ -136,7 +148,9 @@ class StableAlignmentTrainer(_BaseTrainer):
         train_dataset ([`~datasets.Dataset`]):
             Comparison groups with columns `prompt`, `completions` (list) and `scores` (list of floats, one per
             completion), in text form (`prompt: str`, `completions: list[str]`) or conversational form (`prompt`: a
-            list of messages, `completions`: a list of message lists). Other columns are ignored.
+            list of messages, `completions`: a list of message lists). Other columns are ignored. Scores must be finite
+            and within `[0, args.rating_scale]`; [`validate_groups`] refuses a bad row, on every process, before any
+            tokenization.
         eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
             Same format as `train_dataset`.
         processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
@@ -203,12 +217,14 @@ class StableAlignmentTrainer(_BaseTrainer):
             # Distributed training requires device_map=None ("auto" fails)
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 model_init_kwargs["device_map"] = None
-            model = create_model_from_path(model, **model_init_kwargs)
+            model = load_pretrained(create_model_from_path, model, **model_init_kwargs)
         elif args.model_init_kwargs is not None:
             logger.warning("`model_init_kwargs` is ignored: the model is already instantiated.")
 
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
+            processing_class = load_pretrained(
+                AutoTokenizer.from_pretrained, get_config_model_id(model.config)
+            )
         if not isinstance(processing_class, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a tokenizer (`PreTrainedTokenizerBase`)")
         if processing_class.pad_token is None:
@@ -268,7 +284,7 @@ class StableAlignmentTrainer(_BaseTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         )
 
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._total_train_tokens = 0
         self._sampling_step, self._sampling_call = -1, 0
         self.model.add_model_tags(self._tag_names)
@@ -289,14 +305,10 @@ class StableAlignmentTrainer(_BaseTrainer):
             raise TypeError(
                 f"the {dataset_name} dataset must be a `datasets.Dataset`, got {type(dataset).__name__}"
             )
+        # Before the first collective: a bad dataset stops every process alike, none is left waiting for another
+        validate_groups(dataset, args.rating_scale, f"the {dataset_name} dataset")
         if "prompt_ids" in dataset.column_names:  # already prepared
             return dataset
-        missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"the {dataset_name} dataset lacks the column(s) {missing}; comparison groups need "
-                f"{list(REQUIRED_COLUMNS)}"
-            )
         with global_then_local_main_first():
             dataset = dataset.map(
                 tokenize_group,
@@ -328,7 +340,7 @@ class StableAlignmentTrainer(_BaseTrainer):
         # With `remove_unused_columns=True`, only these columns reach the collator; the raw text and any extra
         # columns (kind, provenance) are dropped.
         if self._signature_columns is None:
-            self._signature_columns = TOKENIZED_COLUMNS
+            self._signature_columns = list(TOKENIZED_COLUMNS)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # The loss is a mean over groups, so gradient accumulation must divide by the groups of all micro-batches
@@ -414,33 +426,23 @@ class StableAlignmentTrainer(_BaseTrainer):
     def _record_metrics(self, mode, nll, scores, group_mask, loss_kwargs, attention_mask) -> None:
         diagnostics = stable_alignment_diagnostics(nll, scores, group_mask, **loss_kwargs)
         has_others = diagnostics.num_others > 0
-        # Sums and counts reduced across processes in one collective, then turned into ratios
-        totals = torch.stack(
-            [
-                diagnostics.best_nll.sum(),
-                torch.tensor(group_mask.size(0), device=nll.device),
-                diagnostics.others_nll[has_others].sum(),
-                has_others.sum(),
-                diagnostics.penalty[has_others].sum(),
-                diagnostics.active.sum(),
-                diagnostics.num_satisfied.sum(),
-                diagnostics.num_others.sum(),
-                attention_mask.sum(),
-            ]
-        ).double()
-        (best_sum, groups, others_sum, with_others, penalty_sum, active, satisfied, others, tokens) = (
-            self.accelerator.reduce(totals, reduction="sum").tolist()
-        )
-        metrics = self._metrics[mode]
-        metrics["nll/best"].append(best_sum / groups)
-        metrics["penalty/active_frac"].append(active / groups)
-        if with_others:
-            metrics["nll/others"].append(others_sum / with_others)
-            metrics["penalty"].append(penalty_sum / with_others)
-            metrics["margin_satisfied"].append(satisfied / others)
-        if mode == "train":
-            self._total_train_tokens += int(tokens)
-            metrics["num_tokens"] = [self._total_train_tokens]
+        step_sums = {
+            "groups": torch.tensor(group_mask.size(0), device=nll.device),
+            "best_nll": diagnostics.best_nll.sum(),
+            "with_others": has_others.sum(),
+            "others_nll": diagnostics.others_nll[has_others].sum(),
+            "penalty": diagnostics.penalty[has_others].sum(),
+            "active": diagnostics.active.sum(),
+            "others": diagnostics.num_others.sum(),
+            "satisfied": diagnostics.num_satisfied.sum(),
+            "tokens": attention_mask.sum(),
+        }
+        # Sums, not per-batch means: the logged ratios then average over groups however they fell into batches.
+        # One collective for all of them.
+        reduced = self.accelerator.reduce(torch.stack(list(step_sums.values())).double(), reduction="sum")
+        sums = self._metric_sums[mode]
+        for key, value in zip(step_sums, reduced.tolist(), strict=True):
+            sums[key] += value
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys: list[str] | None = None):
         # The batches hold no `labels`, so `Trainer.prediction_step` would skip the loss; always compute it.
@@ -457,17 +459,31 @@ class StableAlignmentTrainer(_BaseTrainer):
             )
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
+    def _metrics(self, mode: str) -> dict[str, float]:
+        """The diagnostics since the last log, each a mean over the groups (or completions) it describes."""
+        sums = self._metric_sums[mode]
+        if not sums["groups"]:
+            return {}
+        metrics = {
+            "nll/best": sums["best_nll"] / sums["groups"],
+            "penalty/active_frac": sums["active"] / sums["groups"],
+        }
+        if sums["with_others"]:
+            metrics["nll/others"] = sums["others_nll"] / sums["with_others"]
+            metrics["penalty"] = sums["penalty"] / sums["with_others"]
+            metrics["margin_satisfied"] = sums["satisfied"] / sums["others"]
+        if mode == "train":
+            self._total_train_tokens += int(sums["tokens"])
+            metrics["num_tokens"] = self._total_train_tokens
+        return metrics
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {
-            key: sum(val) / len(val) for key, val in self._metrics[mode].items()
-        }  # average over the steps
         # In evaluation the keys of `logs` start with "eval_"; match them.
-        if mode == "eval":
-            metrics = {f"eval_{key}": val for key, val in metrics.items()}
-        logs.update(metrics)
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{key}": value for key, value in self._metrics(mode).items()})
         super().log(logs, start_time)
-        self._metrics[mode].clear()
+        self._metric_sums[mode].clear()
 
     def _save_checkpoint(self, model, trial):
         # Write the model card next to every checkpoint, as TRL's trainers do
@@ -479,6 +495,27 @@ class StableAlignmentTrainer(_BaseTrainer):
         # The card lands in `args.output_dir`; write it when the model is saved there by the user
         if not _internal_call and (output_dir is None or Path(output_dir) == Path(self.args.output_dir)):
             self.create_model_card(model_name=self._model_card_name())
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """Write `README.md` in `args.output_dir`: the base model (Hub id or local folder) and how to load this one."""
+        if not self.is_world_process_zero():
+            return
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = model_card(
+            base_model=get_config_model_id(self.model.config),
+            model_name=model_name or self._model_card_name(),
+            location=self.hub_model_id or self.args.output_dir,
+            trainer_name=self._name,
+            paper=self._paper,
+            tags=sorted({*self._tag_names, *extra_tags}),
+            dataset_name=dataset_name,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def _model_card_name(self) -> str:
         if self.args.hub_model_id is None:
