@@ -25,5 +25,6 @@ def run_command(prog: str, body: Callable[[], int | None]) -> int:
         return int(body() or 0)
     except UserError as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        # One write: the lines of processes launched together (accelerate launch) then never interleave
+        sys.stderr.write(f"{prog}: error: {message}\n")
         return 2
