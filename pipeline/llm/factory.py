@@ -106,22 +106,20 @@ def build_backend(spec: BackendSpec) -> ChatBackend:
         raise BackendLoadError(f"unknown cache_mode {spec.cache_mode!r}; choose from {modes}")
     if spec.cache_mode == "replay-only" and not spec.cache_path:
         raise BackendLoadError("cache_mode 'replay-only' needs a cache_path")
-    cache = None
-    if spec.cache_path and spec.cache_mode != "off":
-        try:
-            cache = ResponseCache(spec.cache_path, spec.cache_mode)
-        except (OSError, sqlite3.Error) as exc:
-            raise BackendLoadError(
-                f"cannot open response cache {spec.cache_path}: {_first_line(exc)}"
-            ) from exc
+    # The model first: a folder that is not a model must fail before the cache file is created,
+    # so a refused run leaves nothing behind.
     try:
         model = _model(spec)
     except _LOAD_ERRORS as exc:
-        if cache is not None:
-            cache.close()
         if isinstance(exc, BackendLoadError):
             raise
         name = EMBEDDED_NAME if spec.kind == "embedded" else spec.model or spec.kind
         raise BackendLoadError(f"cannot load model {name}: {_first_line(exc)}") from exc
     backend: ChatBackend = MeteredBackend(model, spec.token_budget, spec.call_budget)
-    return backend if cache is None else CachedBackend(backend, cache, spec)
+    if not spec.cache_path or spec.cache_mode == "off":
+        return backend
+    try:
+        cache = ResponseCache(spec.cache_path, spec.cache_mode)
+    except (OSError, sqlite3.Error) as exc:
+        raise BackendLoadError(f"cannot open response cache {spec.cache_path}: {_first_line(exc)}") from exc
+    return CachedBackend(backend, cache, spec)
