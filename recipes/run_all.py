@@ -45,7 +45,7 @@ def stages() -> list[tuple[str, Path, list[str]]]:
             "transform",
             DATA / "summary.json",
             sandbox(
-                "transform", str(SIM), "--output", str(DATA), "--format", "conversational", "--seed", "0"
+                "transform", str(SIM), "--output", str(DATA), "--style", "conversational", "--seed", "0"
             ),
         ),
         (
