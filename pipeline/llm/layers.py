@@ -1,4 +1,5 @@
-"""Layers wrapped around any backend: response cache, usage and budget, concurrency and rate limits.
+"""Layers wrapped around any backend: response cache, usage and budget, a circuit breaker, retries
+of transient answers, concurrency and rate limits.
 
 Each layer is itself a :class:`ChatBackend` holding the next one, so every backend gets the same
 behaviour without repeating it (see :func:`pipeline.llm.build_backend` for the order).
@@ -8,20 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import defaultdict
-from typing import Any
+import random
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from pipeline.llm.base import (
     BackendSpec,
     BudgetExceeded,
     CacheMiss,
     ChatBackend,
+    CircuitOpen,
     Completion,
+    LLMError,
     Message,
     Rating,
+    TransientError,
     Usage,
 )
 from pipeline.llm.cache import ResponseCache, cache_key
+
+T = TypeVar("T")
 
 
 class Layer(ChatBackend):
@@ -127,6 +135,102 @@ class MeteredBackend(Layer):
     def usage(self) -> dict[str, Usage]:
         """Tokens and calls actually spent per model (answers served from the cache cost nothing)."""
         return dict(self._usage)
+
+
+class CallLayer(Layer):
+    """A layer that treats both kinds of call alike: subclasses define :meth:`_call` only."""
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        raise NotImplementedError
+
+    async def complete(self, messages: list[Message], *, sample_index: int = 0, **params: Any) -> Completion:
+        return await self._call(lambda: self.inner.complete(messages, sample_index=sample_index, **params))
+
+    async def rate(
+        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+    ) -> Rating:
+        return await self._call(
+            lambda: self.inner.rate(messages, scale=scale, sample_index=sample_index, **params)
+        )
+
+
+class RetryingBackend(CallLayer):
+    """Makes a call again, up to ``retries`` times with jittered exponential backoff, when it fails
+    with :class:`TransientError` (a 200 answer with an empty or unreadable body).
+
+    Every other failure was already retried below (the openai client retries connection errors,
+    timeouts, 429 and 5xx answers) or is final, and passes through.
+    """
+
+    def __init__(self, inner: ChatBackend, retries: int, backoff: float = 0.5, max_backoff: float = 8.0):
+        super().__init__(inner)
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.retries):
+            try:
+                return await call()
+            except TransientError:
+                pause = min(self.backoff * 2**attempt, self.max_backoff)
+                await asyncio.sleep(pause * random.uniform(0.75, 1.0))
+        return await call()
+
+
+class CircuitBreaker:
+    """Counts the outcomes of the last ``window`` calls; open (tripped) once ``threshold`` of them failed.
+
+    A count of calls, not a time window: a slow outage and a fast one trip it alike, and a run
+    that makes few calls is not stopped by one bad minute.
+    """
+
+    def __init__(self, window: int, threshold: float):
+        if window < 1 or not 0 < threshold <= 1:
+            raise ValueError(
+                f"a circuit breaker needs window >= 1 and 0 < threshold <= 1, got {window}, {threshold}"
+            )
+        self.window = window
+        self.threshold = threshold
+        self._outcomes: deque[bool] = deque(maxlen=window)
+        self.reason: str | None = None
+        """Why the breaker tripped; ``None`` while it is closed."""
+
+    def record(self, failed: bool) -> None:
+        self._outcomes.append(failed)
+        failures = sum(self._outcomes)
+        if (
+            self.reason is None
+            and len(self._outcomes) == self.window
+            and failures >= self.threshold * self.window
+        ):
+            self.reason = f"{failures} of the last {self.window} model calls failed"
+
+    def check(self) -> None:
+        """Raise :class:`CircuitOpen` once the breaker has tripped."""
+        if self.reason is not None:
+            raise CircuitOpen(self.reason)
+
+
+class BreakerBackend(CallLayer):
+    """Reports each call's outcome to a :class:`CircuitBreaker` (shared by several backends) and
+    refuses new calls with :class:`CircuitOpen` once it has tripped."""
+
+    def __init__(self, inner: ChatBackend, breaker: CircuitBreaker):
+        super().__init__(inner)
+        self.breaker = breaker
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        self.breaker.check()
+        try:
+            result = await call()
+        except BudgetExceeded:
+            raise
+        except LLMError:
+            self.breaker.record(failed=True)
+            raise
+        self.breaker.record(failed=False)
+        return result
 
 
 def _to_record(result: Completion | Rating) -> dict[str, Any]:

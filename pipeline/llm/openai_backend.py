@@ -1,8 +1,14 @@
 """Any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp, ``transformers serve``).
 
 Built on ``openai.AsyncOpenAI``: one client per endpoint, reused for every call, with the client's
-own timeouts, retries and backoff (``Retry-After`` honoured). A call that still fails raises
-:class:`LLMError`; the openai/httpx exception is kept as its ``__cause__``.
+own timeouts, retries and backoff (``Retry-After`` honoured). Its HTTP transport is aiohttp
+(``openai[aiohttp]``: about half the client CPU per call of the default) or httpx
+(``spec.transport``). A call that still fails raises :class:`LLMError`; the openai/transport
+exception is kept as its ``__cause__``. A 200 answer with an empty or unreadable body raises
+:class:`TransientError`, which the layer above retries (the client takes any 200 as final).
+
+:meth:`OpenAIBackend.check` is the preflight: one cheap request that turns a closed port, a refused
+key or a model the server does not serve into a :class:`BackendLoadError` before a run starts.
 """
 
 from __future__ import annotations
@@ -13,7 +19,17 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
-from pipeline.llm.base import BackendSpec, ChatBackend, Completion, LLMError, Message, Rating, Usage
+from pipeline.errors import BackendLoadError
+from pipeline.llm.base import (
+    BackendSpec,
+    ChatBackend,
+    Completion,
+    LLMError,
+    Message,
+    Rating,
+    TransientError,
+    Usage,
+)
 from pipeline.llm.ratings import (
     distribution_from_logprobs,
     expected_score,
@@ -26,6 +42,17 @@ PLACEHOLDER_API_KEY = "EMPTY"
 """Sent when the key's environment variable is unset: local servers accept any key."""
 
 TOP_LOGPROBS = 20  # the most OpenAI allows; vLLM's default cap is 20 as well
+PREFLIGHT_TIMEOUT = 10.0
+"""Seconds the preflight waits for an endpoint (at most; less when ``spec.timeout`` is lower)."""
+
+
+def transport_client(spec: BackendSpec) -> Any:
+    """The client's HTTP transport for ``spec.transport`` (``None``: the client's own httpx default).
+
+    ``DefaultAioHttpClient`` keeps the client's connection limits and timeouts; it raises a
+    RuntimeError naming the missing extra when aiohttp is not installed.
+    """
+    return openai.DefaultAioHttpClient() if spec.transport == "aiohttp" else None
 
 
 class OpenAIBackend(ChatBackend):
@@ -48,7 +75,7 @@ class OpenAIBackend(ChatBackend):
             api_key=os.environ.get(spec.api_key_env) or PLACEHOLDER_API_KEY,
             timeout=spec.timeout,
             max_retries=spec.max_retries,
-            http_client=http_client,
+            http_client=http_client or transport_client(spec),
         )
 
     async def _create(
@@ -67,7 +94,7 @@ class OpenAIBackend(ChatBackend):
         except openai.APIError as exc:
             raise LLMError(f"{self.identity}: {type(exc).__name__}: {exc}") from exc
         except ValueError as exc:  # an empty or non-JSON body fails to decode
-            raise LLMError(f"{self.identity}: unreadable response body: {exc}") from exc
+            raise TransientError(f"{self.identity}: unreadable response body: {exc}") from exc
 
     def _read(self, response: ChatCompletion) -> tuple[str, Usage, dict[str, Any]]:
         """Text, usage and raw JSON of a response; a malformed one raises :class:`LLMError`."""
@@ -77,9 +104,9 @@ class OpenAIBackend(ChatBackend):
             usage = response.usage
             raw = response.model_dump(mode="json")
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-            raise LLMError(f"{self.identity}: malformed response: {response!r:.200}") from exc
+            raise TransientError(f"{self.identity}: malformed response: {response!r:.200}") from exc
         if not isinstance(text, str):
-            raise LLMError(f"{self.identity}: response without message content: {response!r:.200}")
+            raise TransientError(f"{self.identity}: response without message content: {response!r:.200}")
         tokens = Usage(
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
@@ -122,6 +149,42 @@ class OpenAIBackend(ChatBackend):
             return None
         top = {alt.token: alt.logprob for alt in content[position].top_logprobs or []}
         return distribution_from_logprobs(top, scale)
+
+    async def check(self) -> None:
+        """The preflight: list the endpoint's models once, without retries.
+
+        Raises :class:`BackendLoadError` (one line, no key in it) for an endpoint that cannot be
+        reached, refuses the key, or does not serve ``spec.model``. A server error or an odd
+        answer passes: the run's own retries deal with those.
+        """
+        client = self._client.with_options(max_retries=0, timeout=min(self.spec.timeout, PREFLIGHT_TIMEOUT))
+        try:
+            try:
+                served = [model.id for model in (await client.models.list()).data]
+            except openai.NotFoundError:  # no model list here: ask for one token instead
+                await client.chat.completions.create(
+                    model=self.model_name, messages=[{"role": "user", "content": "ping"}], max_tokens=1
+                )
+                return
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            where = f"${self.spec.api_key_env}" if os.environ.get(self.spec.api_key_env) else "no key"
+            raise BackendLoadError(
+                f"{self.identity} refused the API key (HTTP {exc.status_code}; sent {where}, "
+                f"set api_key_env to the variable holding the key)"
+            ) from exc
+        except openai.NotFoundError as exc:
+            raise BackendLoadError(f"{self.identity} does not serve model {self.model_name!r}") from exc
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            detail = " ".join(str(cause).split()) or type(cause).__name__
+            raise BackendLoadError(f"cannot reach {self.identity}: {detail}") from exc
+        except (openai.APIError, ValueError):
+            return
+        if served and self.model_name not in served:
+            shown = ", ".join(sorted(served)[:5]) + (", ..." if len(served) > 5 else "")
+            raise BackendLoadError(
+                f"{self.identity} does not serve model {self.model_name!r} (it serves: {shown})"
+            )
 
     async def aclose(self) -> None:
         await self._client.close()

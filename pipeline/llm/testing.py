@@ -13,18 +13,30 @@ a non-integer expected value. ``fault`` makes every request misbehave in one way
 - ``"hang"``: never answers (until the server stops), to exercise client timeouts;
 - ``"empty"``: HTTP 200 with an empty body; ``"non-json"``: HTTP 200 with a body that is not JSON;
 - ``"nonsense"``: a well-formed answer whose text holds no rating.
+
+``schedule`` (a :class:`FaultSchedule`) gives a reproducible share of requests a fault instead,
+chosen by each request's arrival number, plus an optional burst of consecutive failures.
+``api_key`` makes it refuse (401) any other bearer token; ``models`` makes it serve only those
+models (404 ``model_not_found`` otherwise), listed by ``GET /v1/models``. ``kill_sender_at=N``
+sends SIGKILL to the process that sent the N-th chat request (found from the connection's port),
+a deterministic way to crash a worker mid-run. Faults, refusals and kills apply to chat requests;
+the model list only checks the key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
+import random
 import re
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -37,6 +49,44 @@ FAULTS = ("500", "429", "hang", "empty", "non-json", "nonsense")
 DEFAULT_REPLY = "Rating: 5\nReason: This is a fixed reply from the fake server."
 NONSENSE_REPLY = "Bananas are yellow and the sky is wide."
 _TOKEN = re.compile(r"\s*\d|\s*[^\s\d]+|\s+")
+
+
+@dataclass(frozen=True)
+class FaultSchedule:
+    """Which chat requests misbehave, by arrival number (0 for the first), the same in every run.
+
+    ``rate``: the share of requests given a fault, each drawn from ``kinds`` by a generator seeded
+    with ``(seed, number)``; ``burst=(first, count)``: requests ``first .. first + count - 1``
+    all get ``burst_fault`` (an outage).
+    """
+
+    rate: float = 0.0
+    kinds: tuple[str, ...] = FAULTS
+    seed: int = 0
+    burst: tuple[int, int] | None = None
+    burst_fault: str = "500"
+
+    def __post_init__(self) -> None:
+        unknown = sorted({*self.kinds, self.burst_fault} - set(FAULTS))
+        if unknown or not 0 <= self.rate <= 1:
+            raise ValueError(f"bad fault schedule: rate {self.rate}, unknown kinds {unknown}")
+
+    def fault(self, number: int) -> str | None:
+        if self.burst is not None and self.burst[0] <= number < self.burst[0] + self.burst[1]:
+            return self.burst_fault
+        draw = random.Random(f"{self.seed}:{number}")
+        return draw.choice(self.kinds) if draw.random() < self.rate else None
+
+
+def sender_pid(client_port: int, server_port: int) -> int | None:
+    """The process holding the client end of a loopback TCP connection (``None`` if it is gone)."""
+    import psutil
+
+    for connection in psutil.net_connections(kind="tcp"):
+        local, remote = connection.laddr, connection.raddr
+        if local and remote and local.port == client_port and remote.port == server_port:
+            return connection.pid
+    return None
 
 
 def _tokens(text: str) -> list[str]:
@@ -76,12 +126,26 @@ class FakeOpenAIServer:
         delay: float = 0.0,
         reply: Callable[[dict], str] | None = None,
         fault: str | None = None,
+        schedule: FaultSchedule | None = None,
+        api_key: str | None = None,
+        models: Sequence[str] | None = None,
+        kill_sender_at: int | None = None,
     ):
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
         self.delay = delay
         self.reply = reply or (lambda body: DEFAULT_REPLY)
         self.fault = fault
+        self.schedule = schedule
+        self.api_key = api_key
+        self.models = None if models is None else tuple(models)
+        self.kill_sender_at = kill_sender_at
+        self.killed: list[int] = []
+        """Process ids killed by ``kill_sender_at``."""
+        self.faults: list[str | None] = []
+        """The fault (or ``None``) each chat request got, in arrival order."""
+        self.model_lists = 0
+        """``GET /v1/models`` requests answered (the preflight's)."""
         self.requests: list[dict] = []
         self.headers: list[dict[str, str]] = []
         self.in_flight = 0
@@ -92,33 +156,68 @@ class FakeOpenAIServer:
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def _refused(self, request: Request) -> Response | None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+            return JSONResponse({"error": {**error, "code": "invalid_api_key"}}, 401)
+        return None
+
+    async def _list_models(self, request: Request) -> Response:
+        self.model_lists += 1
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        listed = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models or ()]
+        return JSONResponse({"object": "list", "data": listed})
+
     async def _chat(self, request: Request) -> Response:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             body = await request.json()
+            number = len(self.requests)
             self.requests.append(body)
             self.headers.append(dict(request.headers))
+            if self.kill_sender_at == number + 1 and request.client is not None:
+                self._kill_sender(request.client.port)
+            refused = self._refused(request)
+            if refused is not None:
+                return refused
+            if self.models is not None and body.get("model") not in self.models:
+                message = f"The model `{body.get('model')}` does not exist."
+                error = {"message": message, "type": "invalid_request_error", "code": "model_not_found"}
+                return JSONResponse({"error": error}, 404)
+            fault = self.schedule.fault(number) if self.schedule is not None else self.fault
+            self.faults.append(fault)
             await asyncio.sleep(self.delay)
-            return await self._answer(body)
+            return await self._answer(body, fault)
         finally:
             self.in_flight -= 1
 
-    async def _answer(self, body: dict) -> Response:
-        if self.fault == "500":
+    def _kill_sender(self, client_port: int) -> None:
+        pid = sender_pid(client_port, int(self.base_url.rsplit(":", 1)[1].split("/")[0]))
+        if pid is None or pid == os.getpid():
+            raise RuntimeError(
+                f"kill_sender_at: the sender of request {self.kill_sender_at} is not another process"
+            )
+        os.kill(pid, signal.SIGKILL)
+        self.killed.append(pid)
+
+    async def _answer(self, body: dict, fault: str | None) -> Response:
+        if fault == "500":
             return JSONResponse({"error": {"message": "injected failure", "type": "server_error"}}, 500)
-        if self.fault == "429":
+        if fault == "429":
             error = {"error": {"message": "slow down", "type": "rate_limit"}}
             return JSONResponse(error, 429, headers={"Retry-After": "0.1"})
-        if self.fault == "hang":
+        if fault == "hang":
             assert self._stopping is not None
             await self._stopping.wait()
             return Response(status_code=503)
-        if self.fault == "empty":
+        if fault == "empty":
             return Response(b"", media_type="application/json")
-        if self.fault == "non-json":
+        if fault == "non-json":
             return Response(b"<html>this is not JSON</html>", media_type="application/json")
-        text = NONSENSE_REPLY if self.fault == "nonsense" else self.reply(body)
+        text = NONSENSE_REPLY if fault == "nonsense" else self.reply(body)
         tokens = _tokens(text)
         prompt_tokens = sum(len(_tokens(str(m.get("content", "")))) + 4 for m in body.get("messages", []))
         choice: dict[str, Any] = {
@@ -163,7 +262,12 @@ class FakeOpenAIServer:
         sock.bind(("127.0.0.1", 0))
         self._socket = sock
         self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._list_models, methods=["GET"]),
+            ]
+        )
         config = uvicorn.Config(app, log_level="warning", backlog=4096, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         ready = threading.Event()
