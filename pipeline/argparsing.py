@@ -117,7 +117,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             names.append(f"--{dotted}")
         names += list(f.metadata.get("aliases", ()))
         help_ = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING and "." not in dotted:
+        if f.default not in (dataclasses.MISSING, None) and "." not in dotted:
             help_ = f"{help_} (default: {f.default!r})" if help_ else f"default: {f.default!r}"
         base, _ = _strip_optional(tp)
         kwargs: dict[str, Any] = {"help": help_.replace("%", "%%")}
@@ -128,6 +128,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         else:
             convert, extra = _converter(dotted, tp)
             kwargs |= {"type": convert, **extra}
+            if positional and extra.get("nargs") == "+":
+                kwargs["nargs"] = "*"  # may come from --config instead; the dataclass checks it
         parser.add_argument(*names, **kwargs)
     return parser
 
@@ -178,7 +180,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     ]
     if missing:  # named as flags: what a user of the command line has to add
         prefix = f"{where}." if where else ""
-        raise UserError("missing " + ", ".join(f"--{prefix}{name}".replace("_", "-") for name in missing))
+        raise UserError(
+            "missing "
+            + ", ".join(
+                name.upper()
+                if fields[name].metadata.get("positional")
+                else f"--{prefix}{name}".replace("_", "-")
+                for name in missing
+            )
+        )
     kwargs = {}
     for name, value in data.items():
         nested = _nested_dataclass(hints[name])
@@ -199,7 +209,8 @@ def config_data(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict[s
     path = flags.pop("config", None)
     data = load_yaml_config(path) if path else {}
     for dotted, value in flags.items():
-        _set_path(data, dotted, value)
+        if value != []:  # an empty positional list: not given on the command line
+            _set_path(data, dotted, value)
     return data
 
 
