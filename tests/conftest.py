@@ -16,9 +16,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import math
+from typing import Any
+
 import pytest
+from datasets import Features
+from datasets.arrow_writer import ArrowWriter
 
 from pipeline.llm.base import BudgetExceeded, ChatBackend, Completion, LLMError, Rating, Usage
+from pipeline.records import RECORD_FEATURES, SCORE_FIELDS, new_record
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -195,3 +201,99 @@ class RecordingBackend(ChatBackend):
 def recording_backend():
     """Make :class:`RecordingBackend` instances (keyword arguments as its constructor's)."""
     return RecordingBackend
+
+
+# -- interaction records written as real Arrow shards (transform, convert, hub tests) ----------
+
+
+@pytest.fixture
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the loaded shards and map caches of a test in its own folder, not in ~/.cache."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+def make_record(i: int, **overrides: Any) -> dict[str, Any]:
+    """A complete ``ok`` record: question ``q<i>``, draft scored 3 before, revision 6 after."""
+    record = new_record(
+        run_id="run-a",
+        world_id="w0",
+        round=0,
+        agent_id=i,
+        stance="good",
+        question=f"q{i}",
+        draft=f"draft {i}",
+        feedback=[
+            {"agent_id": 1, "rating": 5.0, "reason": f"fair {i}", "raw": "Rating: 5 ### Reason: fair"},
+            {"agent_id": 2, "rating": 2.0, "reason": f"harsh {i}", "raw": "Rating: 2 ### Reason: harsh"},
+        ],
+        revision=f"revision {i}",
+        scores={
+            "alignment_before": 3.0,
+            "alignment_after": 6.0,
+            "engagement_before": 4.0,
+            "engagement_after": 5.0,
+        },
+        observer_reasons=dict.fromkeys(SCORE_FIELDS, "ok"),
+        agent_model="agent-lm",
+        observer_model="observer-lm",
+        prompt_version="v1",
+        prompt_tokens=10,
+        completion_tokens=20,
+        calls=10,
+    )
+    return record | overrides
+
+
+def write_shard(path: Path, records: list[dict[str, Any]], features: Features = RECORD_FEATURES) -> Path:
+    """Write ``records`` with datasets' ArrowWriter, as ``sandbox simulate`` does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(path=str(path), features=features) as writer:
+        for record in records:
+            writer.write(features.encode_example(record))
+        writer.finalize()
+    return path
+
+
+def golden_records() -> list[dict[str, Any]]:
+    scores = make_record(0)["scores"]
+    return [
+        make_record(0),
+        # same question and same draft as record 0: merged into its imitation/self-critic groups
+        make_record(
+            1, question="q0", draft="draft 0", revision="revision 0", scores=scores | {"alignment_after": 7.0}
+        ),
+        make_record(2, status="failed", error="timeout"),
+        # a null neighbour rating, an off-scale one (the reference's sentinel 8) and a NaN observer score
+        make_record(
+            3,
+            feedback=[
+                {"agent_id": 1, "rating": None, "reason": "unreadable", "raw": "??"},
+                {"agent_id": 2, "rating": 8.0, "reason": "sentinel", "raw": "8"},
+                {"agent_id": 4, "rating": 6.0, "reason": "", "raw": "Rating: 6"},
+            ],
+            scores=scores | {"alignment_before": math.nan},
+        ),
+        # realignment thresholds: no rise, and a rise that ends at the midpoint (4 is not above 4)
+        make_record(4, scores=scores | {"alignment_before": 6.0, "alignment_after": 6.0}),
+        make_record(5, scores=scores | {"alignment_before": 2.0, "alignment_after": 4.0}),
+        make_record(6, scores=scores | {"alignment_after": None}),
+    ]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "run"
+    write_shard(folder / "world-0" / "shard-00000.arrow", golden_records()[:4])
+    write_shard(folder / "world-1" / "shard-00000.arrow", golden_records()[4:])
+    # what the simulator may leave around: a shard being written and a hidden file, both ignored
+    write_shard(folder / "world-1" / ".shard-00001.arrow", [make_record(99)])
+    (folder / "world-1" / "shard-00001.arrow.tmp").write_bytes(b"partial")
+    (folder / "config.yaml").write_text(
+        "world:\n  size: 3\nbackend:\n  model: agent-lm\n  api_key: sk-secret\n"
+    )
+    return folder

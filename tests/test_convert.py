@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_record, write_shard
 from datasets import Dataset
-from test_transform import datasets_cache, make_record, write_shard  # noqa: F401  (autouse fixture)
 
 from pipeline import convert
 from pipeline import transform as tf
 from pipeline.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
 
 GROUPS = Dataset.from_dict(
     {

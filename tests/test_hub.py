@@ -19,10 +19,12 @@ from urllib.parse import unquote, urlsplit
 import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
-from test_transform import datasets_cache, run_dir  # noqa: F401  (fixtures)
 
 from pipeline import transform as tf
 from pipeline.groups import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_loopback_test_token"
@@ -192,7 +194,7 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env | {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"} | extra
 
 
-def test_card_renders_and_parses_back(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_card_renders_and_parses_back(run_dir: Path, tmp_path: Path) -> None:
     out = tf.save(tf.transform([run_dir]), tmp_path / "out", output_format="parquet")
     card = DatasetCard.load(out / "README.md")
     summary = json.loads((out / "summary.json").read_text())
@@ -217,7 +219,7 @@ def test_card_renders_and_parses_back(run_dir: Path, tmp_path: Path) -> None:  #
     assert f"| mixed | {histogram} |" in text
 
 
-def test_push_to_loopback_hub(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) -> None:  # noqa: F811
+def test_push_to_loopback_hub(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) -> None:
     out = tf.save(tf.transform([run_dir], style="conversational"), tmp_path / "out")
     env = _clean_env(tmp_path, HF_ENDPOINT=fake_hub.url, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0")
     proc = _sandbox(["push", str(out), "--repo-id", "someone/groups", "--private"], env)
@@ -246,7 +248,7 @@ def test_push_to_loopback_hub(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) 
     assert all(TOKEN.encode() not in data for data in repo["files"].values())
 
 
-def test_push_refuses_bad_input(tmp_path: Path, run_dir: Path) -> None:  # noqa: F811
+def test_push_refuses_bad_input(tmp_path: Path, run_dir: Path) -> None:
     env = _clean_env(tmp_path, HF_HUB_OFFLINE="1")
     proc = _sandbox(["push", str(tmp_path), "--repo-id", "someone/groups"], env)
     assert proc.returncode == 2 and "not a `sandbox transform` output" in proc.stderr
