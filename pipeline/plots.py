@@ -1,7 +1,9 @@
 """Per-round summaries of a sandbox run: ``summary.json``, a text table and ``rounds.png``.
 
 Both files are a pure function of the run folder's shards (:func:`write_summary`), so a run
-resumed, extended or run by several processes gets the same summary as one run in one go.
+resumed, extended or run by several processes gets the same summary as one run in one go. The
+rank that finishes a run's last world writes them; :func:`merge_run` (``sandbox simulate --merge
+RUN``) recomputes them at any time, from whatever the worlds hold so far.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.llm.ratings import SCALE
 from pipeline.records import ASPECTS, SCORE_FIELDS, WHEN
 from pipeline.shards import run_records
@@ -104,3 +107,10 @@ def write_summary(output: Path) -> list[dict[str, Any]]:
     write_atomic(output / SUMMARY_FILE, json.dumps(rows, indent=1))
     write_atomic(output / PLOT_FILE, plot_rounds(rows))
     return rows
+
+
+def merge_run(output: Path) -> list[dict[str, Any]]:
+    """:func:`write_summary` for a run folder given by a user: a :class:`UserError` if it holds no worlds."""
+    if not output.is_dir() or not any(output.glob("world-*/manifest.jsonl")):
+        raise UserError(f"{output} holds no sandbox worlds (no world-*/manifest.jsonl)")
+    return write_summary(output)

@@ -5,12 +5,22 @@ Layout of one world's folder (``<output>/world-<world_id>/``)::
     manifest.jsonl                   one line per completed shard: round, agents, rows
     round-00003-part-0000.arrow      records, written with ``datasets``' ArrowWriter
     .round-00003-part-0001.arrow.tmp a shard being written (never read)
+    complete.json                    the completion marker: rounds run, interactions, failed
+    llm-cache.sqlite                 the world's response cache (``sandbox simulate``)
+
+Everything a world needs is in its folder, so the folder can be run by any process (a rank is only
+where a world runs) and a run resumed with another number of processes finds all of it.
 
 A shard is written under a temporary name, flushed to disk and renamed (``textio.write_atomic``);
 only then is its manifest line appended. The manifest lists the completed interactions; a restart removes temporary files,
 adopts a renamed shard whose manifest line was lost to the crash, drops a torn last manifest line,
 and carries on. ``datasets.load_dataset("arrow", data_files="<output>/world-*/*.arrow")`` reads
 the finished shards of any number of worlds.
+
+:meth:`WorldStore.rewind` forgets the rounds from a given one on (``--retry-failed``): the marker
+goes first, then the shards, newest round first, then their manifest lines. A reader never sees
+two versions of a record: the old ones are gone before a rerun writes new ones, and a crash part
+way leaves only whole rounds, which a resume reruns.
 
 A run keeps the record layout it was started with (``records.record_features``): a run folder
 written before records carried ``schema_version`` is resumed in that layout, so its shards always
@@ -36,6 +46,7 @@ from pipeline.records import LEGACY_SCHEMA_VERSION, RECORD_FEATURES
 from pipeline.textio import write_atomic
 
 MANIFEST = "manifest.jsonl"
+COMPLETE = "complete.json"
 _SHARD = re.compile(r"round-(\d{5})-part-(\d{4})\.arrow")
 
 
@@ -148,6 +159,42 @@ class WorldStore:
             os.fsync(file.fileno())
         self.entries.append(entry)
 
+    @property
+    def marker(self) -> Path:
+        return self.folder / COMPLETE
+
+    def completion(self) -> dict[str, int] | None:
+        """The completion marker (``rounds``, ``interactions``, ``failed``), or ``None``."""
+        return read_completion(self.folder)
+
+    def mark_complete(self, rounds: int) -> dict[str, int]:
+        """Record that the world's first ``rounds`` rounds are all stored (and how many failed)."""
+        rows = self.records()
+        marker = {
+            "rounds": rounds,
+            "interactions": len(rows),
+            "failed": sum(row["status"] != "ok" for row in rows),
+        }
+        write_atomic(self.marker, json.dumps(marker) + "\n")
+        return marker
+
+    def first_failed_round(self) -> int | None:
+        """The first round holding a failed interaction, or ``None``."""
+        marker = self.completion()
+        if marker is not None and marker["failed"] == 0:
+            return None
+        failed = [row["round"] for row in self.records() if row["status"] != "ok"]
+        return min(failed, default=None)
+
+    def rewind(self, round_: int) -> None:
+        """Forget rounds ``round_`` and later (see the module docstring for the order)."""
+        self.marker.unlink(missing_ok=True)
+        dropped = sorted((e for e in self.entries if e.round >= round_), key=lambda e: e.round, reverse=True)
+        for entry in dropped:
+            (self.folder / entry.shard).unlink(missing_ok=True)
+        self.entries = [entry for entry in self.entries if entry.round < round_]
+        write_atomic(self.manifest, "".join(entry.to_json() + "\n" for entry in self.entries))
+
     def records(self, rounds: Iterable[int] | None = None) -> list[dict[str, Any]]:
         """Stored records (of ``rounds``, or all), sorted by round then agent."""
         wanted = None if rounds is None else set(rounds)
@@ -158,6 +205,20 @@ class WorldStore:
             for row in read_shard(self.folder / entry.shard)
         ]
         return sorted(rows, key=lambda r: (r["round"], r["agent_id"]))
+
+
+def read_completion(folder: Path) -> dict[str, int] | None:
+    """A world folder's completion marker, or ``None`` when the world is not complete."""
+    try:
+        return json.loads((folder / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def world_complete(folder: Path, rounds: int) -> bool:
+    """Whether the world in ``folder`` has run at least ``rounds`` rounds."""
+    marker = read_completion(folder)
+    return marker is not None and marker["rounds"] >= rounds
 
 
 def run_records(output: Path) -> list[dict[str, Any]]:

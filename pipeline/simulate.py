@@ -14,14 +14,27 @@ One interaction (the paper's back-scatter)::
 
 The middle step's ``2 + k`` calls run concurrently, so an interaction is 4 calls deep.
 
-The library entry is :func:`run_simulation`; ``sandbox simulate`` (:func:`main`) only parses a
-:class:`SimulationConfig` (generated from its fields, ``--config FILE.yaml`` plus flags) and calls it.
+A process runs its worlds at once, under one cap on calls in flight per endpoint. Everything a world
+needs (shards, completion marker, response cache) lives in its folder, so a world can run in any
+process: :func:`run_simulation` runs one rank's share of the worlds, :func:`execute` places all the
+ranks with an executor (``--executor local|ray|slurm --workers N``, :mod:`pipeline.executors`).
+
+Outages never become data: the endpoints are checked once before a run (:func:`preflight`); a
+failed interaction is tried again (``interaction_retries``) before its round is committed; a
+circuit breaker stops the run cleanly when too many of the last calls failed; and
+``--retry-failed`` rewinds each world to its first round holding a failed interaction and reruns
+from there (later rounds depended on that round's memories).
+
+The library entries are :func:`run_simulation` and :func:`execute`; ``sandbox simulate``
+(:func:`main`) only parses a :class:`SimulationConfig` (generated from its fields, ``--config
+FILE.yaml`` plus flags) and calls them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
 import hashlib
 import json
@@ -38,36 +51,55 @@ from tqdm.auto import tqdm
 
 from pipeline import argparsing, prompts
 from pipeline.errors import BackendLoadError, UserError, run_command
-from pipeline.llm import build_backend
+from pipeline.executors import DONE, ExecutorConfig, run_ranks, slurm_script, submit_slurm
 from pipeline.llm.base import (
     BackendKind,
     BackendSpec,
     BudgetExceeded,
+    CacheMiss,
     CacheMode,
     ChatBackend,
+    CircuitOpen,
     LLMError,
     Rating,
     Usage,
 )
+from pipeline.llm.cache import ResponseCache
+from pipeline.llm.factory import build_model, check_endpoints, open_cache
+from pipeline.llm.layers import CachedBackend, CircuitBreaker
 from pipeline.llm.ratings import SCALE
 from pipeline.memory import AgentMemory, MemoryEntry
-from pipeline.plots import summary_table, write_summary
+from pipeline.plots import merge_run, round_summary, summary_table, write_summary
 from pipeline.questions import DEFAULT_PRIOR, load_prior, load_questions, pool_fingerprint
 from pipeline.records import ASPECTS, LEGACY_SCHEMA_VERSION, SCHEMA_VERSION, new_record, record_features
-from pipeline.shards import WorldStore, world_folder
+from pipeline.shards import WorldStore, run_records, world_complete, world_folder
 from pipeline.textio import write_atomic
 from pipeline.world import STANCES, Stance, World
 
 PROG = "sandbox simulate"
 CONFIG_FILE = "config.yaml"
 CACHE_FILE = "llm-cache.sqlite"
+SLURM_FOLDER = "slurm"
+"""A Slurm job's script and logs, in the run folder."""
 
 PriorSource = Literal["file", "generate"]
 """``file``: prior pairs from a JSONL file; ``generate``: the agent model writes them from personas."""
 
 # Fields that change how a run is executed but not what it produces: a run may be resumed (or
 # extended by more rounds) with other values. Every other field must match the saved config.
-EXECUTION_FIELDS = frozenset({"output", "rounds", "flush_every"})
+EXECUTION_FIELDS = frozenset(
+    {
+        "output",
+        "rounds",
+        "flush_every",
+        "executor",
+        "interaction_retries",
+        "retry_wait",
+        "breaker_window",
+        "breaker_threshold",
+        "retry_failed",
+    }
+)
 # Of a backend, only these shape the answers (the URL, limits, cache and budget do not).
 BACKEND_IDENTITY_FIELDS = ("kind", "model", "temperature", "top_p", "max_tokens", "use_logprobs", "extra")
 
@@ -97,8 +129,11 @@ class SimulationConfig:
 
     Fields by group (each field's help is in its metadata and on ``sandbox simulate --help``):
 
-    - run: ``output``, ``rounds``, ``flush_every``. These only say how the run is executed: a run
-      may be resumed or extended with other values. Every other field must match the saved run.
+    - run: ``output``, ``rounds``, ``flush_every``, ``executor`` (where the ranks run: ``--executor``,
+      ``--workers``, ...). These only say how the run is executed: a run may be resumed or extended
+      with other values. Every other field, outside the outages group, must match the saved run.
+    - outages: ``interaction_retries``, ``retry_wait``, ``breaker_window``, ``breaker_threshold``,
+      ``retry_failed``.
     - world: ``size``, ``stances``, ``seeds`` (one world per stance and seed), ``k``, ``radius``,
       ``global_interaction``, ``dropout``.
     - memory: ``top_n``, ``memory_size``, ``prior``, ``prior_source``, ``prior_generate``.
@@ -107,8 +142,9 @@ class SimulationConfig:
       fields is a dotted flag: ``--agent.model``, ``--observer.base-urls``).
 
     ``__post_init__`` checks every field (a :class:`UserError` names the problem) and fills the
-    derived defaults: ``radius`` (``size // 2``) and each backend's ``cache_path``
-    (``<output>/llm-cache.sqlite`` unless its cache is off).
+    derived default ``radius`` (``size // 2``). A backend's ``cache_path`` left unset means one
+    response cache per world, ``<output>/world-<id>/llm-cache.sqlite``; a folder means the
+    per-world caches of the run in that folder (to replay it); a file, one cache for every world.
     """
 
     output: str = field(
@@ -172,6 +208,31 @@ class SimulationConfig:
     observer: BackendSpec | None = field(
         default=None, metadata={"help": "the memoryless observers' model; none: the agents' model"}
     )
+    executor: ExecutorConfig = field(
+        default_factory=ExecutorConfig,
+        metadata={"help": "where the ranks run: --executor local|ray|slurm, --workers N, ..."},
+    )
+    interaction_retries: int = field(
+        default=2,
+        metadata={"help": "times a failed interaction is tried again before its round is committed"},
+    )
+    retry_wait: float = field(
+        default=1.0, metadata={"help": "seconds before an interaction's first retry (doubling after)"}
+    )
+    breaker_window: int = field(
+        default=100, metadata={"help": "circuit breaker: the last N model calls it watches"}
+    )
+    breaker_threshold: float = field(
+        default=0.5,
+        metadata={"help": "circuit breaker: the share of those calls failed that stops the run (exit 1)"},
+    )
+    retry_failed: bool = field(
+        default=False,
+        metadata={
+            "help": "on resume, rewind each world to its first round holding a failed interaction and "
+            "rerun from there"
+        },
+    )
 
     def __post_init__(self) -> None:
         # A YAML file may give a single stance or seed without a list.
@@ -188,11 +249,15 @@ class SimulationConfig:
             raise UserError("seeds must be a non-empty list of non-negative integers")
         if self.size < 2:
             raise UserError(f"world size must be at least 2, got {self.size}")
-        for name in ("rounds", "k", "flush_every", "prior_generate"):
+        for name in ("rounds", "k", "flush_every", "prior_generate", "breaker_window"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.top_n < 0 or self.memory_size < 0:
             raise UserError("top_n and memory_size must not be negative")
+        if self.interaction_retries < 0 or self.retry_wait < 0:
+            raise UserError("interaction_retries and retry_wait must not be negative")
+        if not 0 < self.breaker_threshold <= 1:
+            raise UserError(f"breaker_threshold must be in (0, 1], got {self.breaker_threshold}")
         if self.prior_source not in PRIOR_SOURCES:
             raise UserError(
                 f"unknown prior_source {self.prior_source!r}; choose from {', '.join(PRIOR_SOURCES)}"
@@ -212,9 +277,8 @@ class SimulationConfig:
         _check_backend("agent", self.agent)
         if self.observer is not None:
             _check_backend("observer", self.observer)
-        for spec in (self.agent, self.observer):
-            if spec is not None and spec.cache_mode != "off" and spec.cache_path is None:
-                spec.cache_path = str(Path(self.output) / CACHE_FILE)
+        if not isinstance(self.executor, ExecutorConfig):
+            raise UserError("executor must be a mapping of executor fields (kind, workers, ...)")
 
     @property
     def worlds(self) -> list[World]:
@@ -269,9 +333,20 @@ def check_output(output: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
                 "choose another output folder"
             )
         return saved
-    if output.is_dir() and any(output.iterdir()):
+    # Neither counts: a file being written (another rank saving config.yaml this instant), nor
+    # the Slurm job's log folder (its tasks create it before the first one starts the run).
+    others = (
+        [p for p in output.iterdir() if p.name != SLURM_FOLDER and not _being_written(p)]
+        if output.is_dir()
+        else []
+    )
+    if others:
         raise UserError(f"output folder {output} is not empty and holds no sandbox run")
     return None
+
+
+def _being_written(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def run_identity(config: SimulationConfig, questions: list[str], prior_text: str | None) -> dict[str, Any]:
@@ -313,8 +388,27 @@ class RoundStats:
         return {"failed": str(self.failed), "align": f"{mean(self.before)}->{mean(self.after)}"}
 
 
+def cache_file(spec: BackendSpec, output: Path, world_id: str) -> Path | None:
+    """Where ``spec``'s answers for world ``world_id`` are cached (``None``: caching is off).
+
+    Unset ``cache_path``: the world's folder (or, in a run started before caches were per world,
+    the run's one ``llm-cache.sqlite``); a folder: that run's cache of the same world; a file: it.
+    """
+    if spec.cache_mode == "off":
+        return None
+    if spec.cache_path is None:
+        legacy = output / CACHE_FILE
+        return legacy if legacy.is_file() else world_folder(output, world_id) / CACHE_FILE
+    path = Path(spec.cache_path).expanduser()
+    return world_folder(path, world_id) / CACHE_FILE if path.is_dir() else path
+
+
 class Simulation:
-    """Runs the worlds of one config against an agent and an observer backend."""
+    """Runs the worlds of one config against an agent and an observer backend.
+
+    With ``cached``, each world's calls go through the world's own response cache
+    (:func:`cache_file`); injected backends (tests, benchmarks) are used as they are.
+    """
 
     def __init__(
         self,
@@ -327,8 +421,10 @@ class Simulation:
         *,
         progress: bool = True,
         schema_version: int = SCHEMA_VERSION,
+        cached: bool = False,
     ) -> None:
         self.config = config
+        self.cached = cached
         self.questions = questions
         self.prior = prior
         self.run_id = run_id
@@ -458,9 +554,19 @@ class Simulation:
     # -- rounds and worlds ------------------------------------------------------------------
 
     async def run_round(
-        self, world: World, store: WorldStore, round_: int, memories: Sequence[AgentMemory]
+        self,
+        world: World,
+        store: WorldStore,
+        round_: int,
+        memories: Sequence[AgentMemory],
+        position: int = 0,
     ) -> None:
-        """Run the interactions of ``round_`` not stored yet, storing them every ``flush_every``."""
+        """Run the interactions of ``round_`` not stored yet, storing them every ``flush_every``.
+
+        A failed interaction is tried again, up to ``interaction_retries`` times after waits of
+        ``retry_wait`` seconds doubling, before it is stored (its calls that did succeed are
+        answered by the cache); a cache miss in replay-only mode is not retried.
+        """
         done = store.completed(round_)
         pending = [a for a in range(world.num_agents) if a not in done]
         if not pending:
@@ -472,11 +578,17 @@ class Simulation:
             desc=f"{world.world_id} round {round_}",
             disable=not self.progress,
             leave=True,
+            position=position,
         )
         buffer: list[dict[str, Any]] = []
 
         async def one(agent: int) -> None:
             record = await self.interact(world, round_, agent, memories)
+            for attempt in range(self.config.interaction_retries):
+                if not _retriable(record):
+                    break
+                await asyncio.sleep(self.config.retry_wait * 2**attempt)
+                record = await self.interact(world, round_, agent, memories)
             buffer.append(record)
             stats.add(record)
             bar.update()
@@ -494,23 +606,72 @@ class Simulation:
             store.append(round_, buffer)
             bar.close()
 
-    async def run_world(self, world: World) -> None:
-        store = WorldStore(world_folder(self.output, world.world_id), self.features)
+    def _world_view(self, world: World) -> tuple[Simulation, list[ResponseCache]]:
+        """This simulation with backends answering from ``world``'s response caches, and the caches."""
+        if not self.cached:
+            return self, []
+        caches: dict[tuple[Path, str], ResponseCache] = {}
+        view = copy.copy(self)
+        for role, spec in (
+            ("agent", self.config.agent),
+            ("observer", self.config.observer or self.config.agent),
+        ):
+            path = cache_file(spec, self.output, world.world_id)
+            if path is not None:
+                if (path, spec.cache_mode) not in caches:
+                    caches[path, spec.cache_mode] = open_cache(path, spec.cache_mode)
+                setattr(view, role, CachedBackend(getattr(self, role), caches[path, spec.cache_mode], spec))
+        return view, list(caches.values())
+
+    async def run_world(self, world: World, position: int = 0) -> None:
+        """Run (or resume, or with ``retry_failed`` repair) one world, then mark it complete."""
+        folder = world_folder(self.output, world.world_id)
+        if world_complete(folder, self.config.rounds) and not self.config.retry_failed:
+            return
+        store = WorldStore(folder, self.features)
         store.open()
-        memories = self.seed_memories(world, await self.world_prior(world, store))
-        for round_ in range(self.config.rounds):
-            await self.run_round(world, store, round_, memories)
-            # The round's revisions enter memory only now, in agent order, for every agent at once.
-            for record in store.records([round_]):
-                if record["status"] == "ok":
-                    memories[record["agent_id"]].add(record["question"], record["revision"])
+        if self.config.retry_failed:
+            first = store.first_failed_round()
+            if first is not None:
+                store.rewind(first)
+        if world_complete(folder, self.config.rounds):
+            return
+        view, caches = self._world_view(world)
+        try:
+            memories = view.seed_memories(world, await view.world_prior(world, store))
+            for round_ in range(self.config.rounds):
+                await view.run_round(world, store, round_, memories, position)
+                # The round's revisions enter memory only now, in agent order, for every agent at once.
+                for record in store.records([round_]):
+                    if record["status"] == "ok":
+                        memories[record["agent_id"]].add(record["question"], record["revision"])
+            store.mark_complete(self.config.rounds)
+        finally:
+            for cache in caches:
+                cache.close()
 
     async def run(self, worlds: Sequence[World]) -> None:
+        """Run ``worlds`` all at once (their calls share the backends' limits)."""
         try:
-            for world in worlds:
-                await self.run_world(world)
+            async with asyncio.TaskGroup() as group:
+                for position, world in enumerate(worlds):
+                    group.create_task(self.run_world(world, position))
         except* BudgetExceeded as group:
-            raise group.exceptions[0] from None
+            raise _leaves(group)[0] from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions of a (nested) exception group, depth first."""
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
+
+
+def _retriable(record: dict[str, Any]) -> bool:
+    """A failed interaction that may succeed when tried again: anything but a replay-only cache miss."""
+    return record["status"] != "ok" and not (record["error"] or "").startswith(f"{CacheMiss.__name__}:")
 
 
 def _raise_first(results: Sequence[Any]) -> None:
@@ -523,23 +684,67 @@ def _raise_first(results: Sequence[Any]) -> None:
 # -- the stage ------------------------------------------------------------------------------
 
 
-def _start_backend(role: str, spec: BackendSpec) -> ChatBackend:
+def rank_share(spec: BackendSpec, rank: int, world_size: int) -> BackendSpec:
+    """``spec`` with rank ``rank``'s share of the run's budgets and request rate.
+
+    Budgets and ``requests_per_minute`` hold for one ``sandbox simulate`` command, whole run: each
+    of its ``world_size`` ranks gets an equal share (the first ranks one more of a budget that
+    does not divide evenly), so the ranks together never exceed them.
+    """
+    if world_size == 1:
+        return spec
+
+    def share(total: int | None) -> int | None:
+        return None if total is None else total // world_size + (rank < total % world_size)
+
+    rate = spec.requests_per_minute
+    return dataclasses.replace(
+        spec,
+        token_budget=share(spec.token_budget),
+        call_budget=share(spec.call_budget),
+        requests_per_minute=None if rate is None else rate / world_size,
+    )
+
+
+def _start_backend(role: str, spec: BackendSpec, breaker: CircuitBreaker | None) -> ChatBackend:
     try:
-        return build_backend(spec)
+        return build_model(spec, breaker=breaker)
     except BackendLoadError as exc:
         raise BackendLoadError(f"cannot start the {role} backend: {exc}") from exc
 
 
-def build_backends(config: SimulationConfig) -> tuple[ChatBackend, ChatBackend]:
-    """The agent backend and the observer backend (the same object when they are configured alike)."""
-    agent = _start_backend("agent", config.agent)
+def build_backends(
+    config: SimulationConfig, *, rank: int = 0, world_size: int = 1, breaker: CircuitBreaker | None = None
+) -> tuple[ChatBackend, ChatBackend]:
+    """The agent and observer backends of one rank (the same object when they are configured
+    alike), without response caches: those are per world (:class:`Simulation`). Both report to
+    ``breaker``; budgets and the request rate are the rank's share (:func:`rank_share`)."""
+    agent = _start_backend("agent", rank_share(config.agent, rank, world_size), breaker)
     if config.observer is None or config.observer == config.agent:
         return agent, agent
     try:
-        return agent, _start_backend("observer", config.observer)
+        return agent, _start_backend("observer", rank_share(config.observer, rank, world_size), breaker)
     except BaseException:
         asyncio.run(agent.aclose())
         raise
+
+
+def preflight(config: SimulationConfig) -> None:
+    """One cheap request per endpoint of the run's servers (none for in-process models or in
+    replay-only mode): an unreachable or misconfigured endpoint (closed port, refused key, unknown
+    model) is a :class:`BackendLoadError` naming it, before anything is written."""
+    roles = [("agent", config.agent)]
+    if config.observer is not None and config.observer != config.agent:
+        roles.append(("observer", config.observer))
+
+    async def check() -> None:
+        for role, spec in roles:
+            try:
+                await check_endpoints(spec)
+            except BackendLoadError as exc:
+                raise BackendLoadError(f"the {role} backend: {exc}") from exc
+
+    asyncio.run(check())
 
 
 async def _run(simulation: Simulation, worlds: Sequence[World]) -> None:
@@ -552,44 +757,20 @@ async def _run(simulation: Simulation, worlds: Sequence[World]) -> None:
 
 
 @dataclass(frozen=True)
-class SimulationResult:
-    """What one call of :func:`run_simulation` did."""
+class PreparedRun:
+    """A run's inputs, read and checked, with nothing written yet."""
 
+    questions: list[str]
+    prior: dict[str, list[MemoryEntry]] | None
+    identity: dict[str, Any]
     run_id: str
+    schema_version: int
     output: Path
-    worlds: tuple[str, ...]
-    """The worlds this rank ran."""
-    interactions: int
-    """Records stored in this rank's worlds, all rounds (earlier calls' included)."""
-    failed: int
-    """Of those, the failed interactions."""
-    summary: list[dict[str, Any]]
-    """The whole run's per-round summary, as written to ``summary.json``."""
-    seconds: float
-    """Wall time of running the worlds (no setup, no summary)."""
-    cpu_seconds: float
-    """This process's CPU time over the same span."""
 
 
-def run_simulation(
-    config: SimulationConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    backends: tuple[ChatBackend, ChatBackend] | None = None,
-    progress: bool = True,
-) -> SimulationResult:
-    """Run (or resume) this rank's share of the run's worlds: worlds ``rank``, ``rank + world_size``, ...
-
-    Everything ``sandbox simulate`` does after parsing: loads the question pool and the prior,
-    checks the output folder (a :class:`UserError`, with nothing written, for any bad input),
-    starts the backends unless ``backends=(agent, observer)`` are given (tests and benchmarks),
-    runs the worlds and closes the backends (a backend belongs to the event loop that first used
-    it: this call's), and rewrites the run's ``summary.json`` and ``rounds.png`` from all its shards. A spent budget raises :class:`BudgetExceeded`; finished
-    interactions are kept and a rerun continues from them.
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(f"rank must be in 0..{world_size - 1} with {world_size} rank(s), got {rank}")
+def prepare_run(config: SimulationConfig) -> PreparedRun:
+    """Load the question pool and the prior and check the output folder; a :class:`UserError`,
+    with nothing written, for any bad input."""
     questions = load_questions(config.questions, config.question_column, config.question_split)
     prior_text = None
     prior = None
@@ -605,36 +786,191 @@ def run_simulation(
     saved = check_output(output, identity)
     # A run keeps the record layout it started with, so all its shards load as one dataset.
     schema_version = SCHEMA_VERSION if saved is None else saved.get("schema_version", LEGACY_SCHEMA_VERSION)
-    agent, observer = build_backends(config) if backends is None else backends
+    return PreparedRun(questions, prior, identity, run_id_of(identity), schema_version, output)
 
-    run_id = run_id_of(identity)
-    output.mkdir(parents=True, exist_ok=True)
+
+def _save_run(config: SimulationConfig, run: PreparedRun) -> None:
+    run.output.mkdir(parents=True, exist_ok=True)
     saved = {
-        "run_id": run_id,
-        "schema_version": schema_version,
-        "identity": identity,
+        "run_id": run.run_id,
+        "schema_version": run.schema_version,
+        "identity": run.identity,
         "config": config.to_dict(),
     }
-    write_atomic(output / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
-    worlds = config.worlds[rank::world_size]
-    simulation = Simulation(
-        config, questions, prior, run_id, agent, observer, progress=progress, schema_version=schema_version
-    )
-    started, cpu = time.perf_counter(), time.process_time()
-    asyncio.run(_run(simulation, worlds))
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
-    summary = write_summary(output)
+    write_atomic(run.output / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What one call of :func:`run_simulation` (or :func:`execute`) did."""
+
+    run_id: str
+    output: Path
+    worlds: tuple[str, ...]
+    """The worlds this rank ran."""
+    interactions: int
+    """Records stored in this rank's worlds, all rounds (earlier calls' included)."""
+    failed: int
+    """Of those, the failed interactions."""
+    summary: list[dict[str, Any]]
+    """The whole run's per-round summary (written to ``summary.json`` once every world is complete)."""
+    seconds: float
+    """Wall time of running the worlds (no setup, no summary)."""
+    cpu_seconds: float
+    """This process's CPU time over the same span."""
+    stopped: tuple[int, ...] = ()
+    """:func:`execute`: the ranks that stopped early (a spent budget, an outage, a worker lost)."""
+
+
+def _result(
+    config: SimulationConfig,
+    run: PreparedRun,
+    worlds: Sequence[World],
+    started: tuple[float, float],
+    stopped: tuple[int, ...] = (),
+    *,
+    ranks_wrote: bool = False,
+) -> SimulationResult:
+    """The result of running ``worlds``. The run's summary files are rewritten when its last world
+    is done, unless ``ranks_wrote`` (the rank that finished it did)."""
+    seconds, cpu_seconds = time.perf_counter() - started[0], time.process_time() - started[1]
+    done = all(world_complete(world_folder(run.output, w.world_id), config.rounds) for w in config.worlds)
+    write = done and not ranks_wrote
+    summary = write_summary(run.output) if write else round_summary(run_records(run.output))
     ids = tuple(world.world_id for world in worlds)
     mine = [row for row in summary if row["world_id"] in ids]
     return SimulationResult(
-        run_id=run_id,
-        output=output,
+        run_id=run.run_id,
+        output=run.output,
         worlds=ids,
         interactions=sum(row["interactions"] for row in mine),
         failed=sum(row["failed"] for row in mine),
         summary=summary,
         seconds=seconds,
         cpu_seconds=cpu_seconds,
+        stopped=stopped,
+    )
+
+
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    backends: tuple[ChatBackend, ChatBackend] | None = None,
+    progress: bool = True,
+) -> SimulationResult:
+    """Run (or resume) this rank's share of the run's worlds: worlds ``rank``, ``rank + world_size``, ...
+
+    Everything ``sandbox simulate`` does after parsing, for one process: checks the inputs and the
+    output folder (:func:`prepare_run`) and the endpoints (:func:`preflight`), a
+    :class:`UserError` with nothing written for any problem; starts the backends unless
+    ``backends=(agent, observer)`` are given (tests and benchmarks; used as they are, without
+    per-world caches or circuit breaker); runs the worlds, all at once, and closes the backends
+    (a backend belongs to the event loop that first used it: this call's). The rank that
+    completes the run's last world rewrites ``summary.json`` and ``rounds.png`` from all its shards.
+    A spent budget or a tripped circuit breaker raises :class:`BudgetExceeded` (:class:`CircuitOpen`);
+    finished interactions are kept and a rerun continues from them.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank must be in 0..{world_size - 1} with {world_size} rank(s), got {rank}")
+    run = prepare_run(config)
+    if backends is None:
+        preflight(config)
+        breaker = CircuitBreaker(config.breaker_window, config.breaker_threshold)
+        agent, observer = build_backends(config, rank=rank, world_size=world_size, breaker=breaker)
+    else:
+        agent, observer = backends
+    _save_run(config, run)
+    worlds = config.worlds[rank::world_size]
+    simulation = Simulation(
+        config,
+        run.questions,
+        run.prior,
+        run.run_id,
+        agent,
+        observer,
+        progress=progress,
+        schema_version=run.schema_version,
+        cached=backends is None,
+    )
+    started = time.perf_counter(), time.process_time()
+    asyncio.run(_run(simulation, worlds))
+    return _result(config, run, worlds, started)
+
+
+def stop_message(exc: BudgetExceeded) -> str:
+    """What a stopped run tells its user, and how to go on."""
+    if isinstance(exc, CircuitOpen):
+        return (
+            f"stopped: {exc} (circuit breaker); finished interactions are kept; once the endpoints "
+            "answer again, rerun the same command with --retry-failed"
+        )
+    return f"stopped: {exc}; finished interactions are kept, rerun to continue"
+
+
+def rank_task(config: SimulationConfig, rank: int, world_size: int) -> int:
+    """One rank of a run as an executor runs it: its exit status (0 done, 1 stopped, 2 refused)."""
+
+    def body() -> int:
+        try:
+            run_simulation(config, rank=rank, world_size=world_size, progress=False)
+        except BudgetExceeded as exc:
+            sys.stderr.write(f"{PROG} rank {rank}: {stop_message(exc)}\n")
+            return 1
+        return 0
+
+    return run_command(f"{PROG} rank {rank}", body)
+
+
+def _portable(config: SimulationConfig) -> SimulationConfig:
+    """``config`` with its local paths absolute, so a rank started in another folder finds them."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or not Path(path).expanduser().exists():
+            return path  # a datasets name, or a path created later
+        return str(Path(path).expanduser().resolve())
+
+    specs = {
+        role: None if spec is None else dataclasses.replace(spec, cache_path=absolute(spec.cache_path))
+        for role, spec in (("agent", config.agent), ("observer", config.observer))
+    }
+    output = str(Path(config.output).expanduser().resolve())
+    return dataclasses.replace(
+        config, output=output, prior=absolute(config.prior), questions=absolute(config.questions), **specs
+    )
+
+
+def execute(config: SimulationConfig) -> SimulationResult:
+    """The whole run, its ranks (``config.executor.workers``) placed by ``config.executor``.
+
+    The inputs and the endpoints are checked once, here, before any rank starts (a
+    :class:`UserError`, nothing written); each rank then runs :func:`run_simulation` on its share
+    of the worlds. ``stopped`` lists the ranks that stopped early; their finished work is kept.
+    """
+    run = prepare_run(config)
+    preflight(config)
+    _save_run(config, run)
+    started = time.perf_counter(), time.process_time()
+    statuses = run_ranks(config.executor, rank_task, _portable(config))
+    stopped = tuple(rank for rank, status in enumerate(statuses) if status != DONE)
+    return _result(config, run, config.worlds, started, stopped, ranks_wrote=True)
+
+
+def slurm_job(config: SimulationConfig) -> str:
+    """The run as a Slurm job array script (:func:`pipeline.executors.slurm_script`): array task
+    ``i`` runs rank ``i`` with the run's config on its standard input. Checks the inputs (a
+    :class:`UserError`); writes nothing."""
+    run = prepare_run(config)
+    rank_config = dataclasses.replace(_portable(config), executor=ExecutorConfig())
+    command = [sys.executable, "-m", "pipeline.cli", "simulate", "--config", "/dev/stdin", "--no-progress"]
+    return slurm_script(
+        config.executor,
+        command,
+        stdin=yaml.safe_dump(rank_config.to_dict(), sort_keys=False),
+        job_name=f"sandbox-{run.run_id}",
+        log_dir=run.output.resolve() / SLURM_FOLDER,
+        workdir=Path.cwd(),
     )
 
 
@@ -653,22 +989,78 @@ def _process_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--num-ranks", type=int, default=1, help="processes sharing the run's worlds")
     group.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=False,
+        help="with --executor slurm: print the job array script instead of submitting it",
+    )
+    group.add_argument(
+        "--merge",
+        metavar="RUN",
+        default=None,
+        help="only recompute RUN's summary.json and rounds.png from its shards and print the summary",
+    )
+
+
+def _submit(config: SimulationConfig, dry_run: bool) -> int:
+    if config.executor.kind != "slurm":
+        raise UserError("--dry-run prints a Slurm job script: add --executor slurm")
+    script = slurm_job(config)
+    if dry_run:
+        print(script, end="")
+        return 0
+    run = prepare_run(config)
+    preflight(config)
+    _save_run(config, run)
+    path = run.output / SLURM_FOLDER / f"simulate-{run.run_id}.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, script)
+    job = submit_slurm(path)
+    print(
+        f"submitted Slurm job {job}: {config.executor.workers} ranks, logs in {path.parent}; the last "
+        f"rank to finish writes the summary (or: {PROG} --merge {run.output})"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         config, args = argparsing.parse(SimulationConfig, argv, PROG, DESCRIPTION, extend=_process_flags)
+        if args.merge is not None:
+            print(summary_table(merge_run(Path(args.merge).expanduser())))
+            return 0
+        executor = config.executor
+        if executor.kind == "slurm" or args.dry_run:
+            return _submit(config, args.dry_run)
+        one_process = executor.kind == "local" and executor.workers == 1
+        if not one_process and (args.rank, args.num_ranks) != (0, 1):
+            raise UserError("--rank/--num-ranks start one rank by hand, --workers launches them all: use one")
         try:
-            result = run_simulation(
-                config, rank=args.rank, world_size=args.num_ranks, progress=not args.no_progress
-            )
+            if one_process:
+                result = run_simulation(
+                    config, rank=args.rank, world_size=args.num_ranks, progress=not args.no_progress
+                )
+            else:
+                result = execute(config)
         except BudgetExceeded as exc:
-            print(
-                f"{PROG}: stopped: {exc}; finished interactions are kept, rerun to continue", file=sys.stderr
-            )
+            print(f"{PROG}: {stop_message(exc)}", file=sys.stderr)
             return 1
         print(summary_table(result.summary))
         print(f"records: {result.output}/world-*/*.arrow  (run {result.run_id})")
+        if result.stopped:
+            print(
+                f"{PROG}: rank(s) {', '.join(map(str, result.stopped))} stopped early (see above); finished "
+                "interactions are kept; rerun the same command to continue",
+                file=sys.stderr,
+            )
+            return 1
+        if result.failed:
+            print(
+                f"{PROG}: {result.failed} interaction(s) failed; rerun with --retry-failed to redo them "
+                "(and the rounds after them)",
+                file=sys.stderr,
+            )
         return 0
 
     return run_command(PROG, body)

@@ -170,7 +170,7 @@ def test_recipe_configs_are_valid(name: str):
 def test_config_derives_defaults_and_checks_in_post_init(tmp_path: Path):
     config = SimulationConfig(output=str(tmp_path), size=6, stances="half_half", seeds=3)
     assert config.radius == 3 and config.stances == ["half_half"] and config.seeds == [3]
-    assert config.agent.kind == "embedded" and config.agent.cache_path == str(tmp_path / "llm-cache.sqlite")
+    assert config.agent.kind == "embedded" and config.agent.cache_path is None  # one cache per world
     # A URL alone names an OpenAI-compatible server; a kind given is kept.
     assert BackendSpec(base_urls=["http://x/v1"]).kind == "openai"
     assert BackendSpec(kind="embedded", base_urls=["http://x/v1"]).kind == "embedded"

@@ -88,7 +88,7 @@ def test_cli_run_rerun_replay_and_shards(tmp_path, server, monkeypatch, capsys):
 
     # The cache replays the run exactly, without a single request.
     replay = tmp_path / "replay"
-    cache = ["--agent.cache-mode", "replay-only", "--agent.cache-path", str(out / "llm-cache.sqlite")]
+    cache = ["--agent.cache-mode", "replay-only", "--agent.cache-path", str(out)]
     assert main(["--config", str(config), "--output", str(replay), "--no-progress", *cache]) == 0
     assert len(server.requests) == calls + 2 * 9 * 8 and records(replay) == first
 
@@ -97,7 +97,7 @@ def test_cli_run_rerun_replay_and_shards(tmp_path, server, monkeypatch, capsys):
     split = tmp_path / "split"
     for rank in ("0", "1"):
         argv = ["--config", str(config), "--output", str(split), "--rank", rank, "--num-ranks", "2"]
-        assert main([*argv, "--no-progress", "--agent.cache-path", str(out / "llm-cache.sqlite")]) == 0
+        assert main([*argv, "--no-progress", "--agent.cache-path", str(out)]) == 0
     assert len(server.requests) == calls + 2 * 9 * 8 and records(split) == first
     summary = json.loads((split / "summary.json").read_text())
     assert summary == json.loads(json.dumps(round_summary(first))) and len(summary) == 2 * 2
