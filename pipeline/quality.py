@@ -1,0 +1,453 @@
+"""Data-quality flags: which texts of an interaction record are degenerate, and why.
+
+A small agent model writes degenerate texts that teach a trained model nothing or worse: it echoes
+the instructions it was given, copies the worked examples of the rating prompt, repeats itself, is
+cut mid-sentence at ``max_tokens``, or leaves the draft unchanged. Each rule below gives a reason
+code; a text's flags are the codes of the rules it breaks (an empty list: clean).
+
+Reason codes (thresholds are fields of :class:`QualityConfig`):
+
+- ``empty``: nothing but white space.
+- ``too_short``: fewer words than ``min_words_answer`` (draft, revision) or ``min_words_reason``.
+- ``truncated``: cut mid-sentence: the text does not end with terminal punctuation (closing quotes,
+  brackets and emphasis marks after it are allowed).
+- ``copied_prompt``: a copy of instruction, system or worked-example text from the prompts
+  (:func:`prompt_texts`): a run of ``copy_run`` or more words shared with one, or at least
+  ``copy_share`` of the text's words inside word ``copy_ngram``-grams shared with them.
+- ``copied_draft``: a neighbour's reason that copies the answer it rates instead of judging it: at
+  least ``copy_share_draft`` of its words inside word ``copy_ngram``-grams of the draft.
+- ``repetition``: heavy repetition, measured as the Gopher rules (Rae et al. 2021, appendix A)
+  measure it, adapted to answers of a few sentences: duplicate sentences (by count and by
+  characters) stand for Gopher's duplicate lines and paragraphs; the most frequent 2/3/4-gram
+  counts only when it occurs at least ``min_top_ngram_count`` times (Gopher's 50+ word documents
+  make a twice-seen bigram negligible; in a 12-word reason such as "to be more lenient and to be
+  more generous" it is a third of the letters); the duplicated 5..10-gram shares are Gopher's.
+  Character shares are over the words' letters.
+- ``off_topic``: off the question and not language: no content word shared with the question (for
+  a reason: with the question or the draft) AND fewer than ``min_dictionary_share`` of its words in
+  an English dictionary. The dictionary is pyspellchecker's English word-frequency list (160k
+  words from subtitle frequencies checked against English word lists; pure Python, no
+  dependencies); a word's stem is its first ``stem_chars`` letters, and the ``common_words`` most
+  frequent words of that list are function words, never content words.
+- ``same_as_draft``: a revision equal to its draft once case, punctuation and spacing are ignored.
+- ``duplicate_reason``: a neighbour's reason equal (normalised) to an earlier neighbour's reason in
+  the same record (greedy decoding with similar memories gives twins).
+
+What a flag drops, per kind of training example (``sandbox transform``; flagged texts are dropped
+by default, an option keeps them):
+
+- imitation: a flagged draft drops the draft completion, a flagged revision drops the revision
+  completion; the other one is still used.
+- realignment: any flag on the draft, the revision or any neighbour's reason drops the example
+  (its prompt quotes the draft; its completion joins every reason and the revision).
+- self-critic: a flagged reason drops that completion; the draft only appears in the prompt.
+
+Flags are computed once and stored with the record (column :data:`FLAGS_COLUMN`, layout
+:data:`QUALITY_FEATURES`: one list of codes per text); records without stored flags (older runs, imported logs) get them from :func:`stored_flags`,
+which computes them on the fly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Literal
+
+from datasets import List, Value
+from spellchecker import SpellChecker
+
+from pipeline import prompts
+from pipeline.errors import UserError
+from pipeline.records import ASPECTS
+
+TextKind = Literal["draft", "revision", "reason"]
+TEXT_KINDS: tuple[TextKind, ...] = ("draft", "revision", "reason")
+
+REASONS = (
+    "empty",
+    "too_short",
+    "truncated",
+    "copied_prompt",
+    "copied_draft",
+    "repetition",
+    "off_topic",
+    "same_as_draft",
+    "duplicate_reason",
+)
+"""Every reason code, in the order the rules run."""
+
+QUALITY_FEATURES = {
+    "draft": List(Value("string")),
+    "revision": List(Value("string")),
+    "feedback": List(List(Value("string"))),
+}
+"""The Arrow layout of one record's flags: codes for the draft, the revision and each reason."""
+
+FLAGS_COLUMN = "quality_flags"
+"""The record column holding :data:`QUALITY_FEATURES` (null or absent: compute the flags)."""
+
+RecordFlags = dict[str, Any]
+"""``{"draft": [codes], "revision": [codes], "feedback": [[codes] per neighbour]}``."""
+
+
+@dataclass
+class QualityConfig:
+    """Thresholds of the data-quality rules (see the module docstring for each reason code).
+
+    Length and ending:
+        min_words_answer, min_words_reason, terminal_punctuation
+    Copies of prompt text:
+        copy_ngram, copy_share, copy_run, copy_share_draft
+    Repetition (Gopher-style; a text breaking any one is flagged):
+        max_duplicate_sentence_share, max_duplicate_sentence_char_share, min_top_ngram_count,
+        max_top_ngram_char_share, max_duplicate_ngram_char_share
+    Off topic and not language:
+        min_dictionary_share, dictionary_language, common_words, stem_chars
+    """
+
+    min_words_answer: int = field(
+        default=4, metadata={"help": "a draft or revision with fewer words is flagged too_short"}
+    )
+    min_words_reason: int = field(
+        default=3, metadata={"help": "a neighbour's reason with fewer words is flagged too_short"}
+    )
+    terminal_punctuation: str = field(
+        default=".!?…", metadata={"help": "characters a complete text may end with (else: truncated)"}
+    )
+    copy_ngram: int = field(
+        default=4, metadata={"help": "word n-gram length compared with the prompts' texts"}
+    )
+    copy_share: float = field(
+        default=0.5,
+        metadata={"help": "flag copied_prompt when at least this share of the words lie in shared n-grams"},
+    )
+    copy_run: int = field(
+        default=8, metadata={"help": "flag copied_prompt when this many consecutive words are shared"}
+    )
+    copy_share_draft: float = field(
+        default=0.8,
+        metadata={
+            "help": "flag a reason copied_draft when at least this share of its words lie in n-grams of the draft"
+        },
+    )
+    max_duplicate_sentence_share: float = field(
+        default=0.30,
+        metadata={"help": "largest share of sentences repeating an earlier one (Gopher: lines, 0.30)"},
+    )
+    max_duplicate_sentence_char_share: float = field(
+        default=0.20,
+        metadata={"help": "largest share of characters in repeated sentences (Gopher: lines, 0.20)"},
+    )
+    min_top_ngram_count: int = field(
+        default=3, metadata={"help": "the most frequent 2/3/4-gram counts only if it occurs this often"}
+    )
+    max_top_ngram_char_share: dict[int, float] = field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        metadata={
+            "help": "n -> largest character share of the most frequent repeated n-gram (Gopher's values)"
+        },
+    )
+    max_duplicate_ngram_char_share: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        metadata={"help": "n -> largest character share of duplicated n-grams (Gopher's values)"},
+    )
+    min_dictionary_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "off_topic needs fewer than this share of dictionary words (and no shared content word)"
+        },
+    )
+    dictionary_language: str = field(
+        default="en",
+        metadata={"help": "pyspellchecker dictionary the share of dictionary words is measured on"},
+    )
+    common_words: int = field(
+        default=100, metadata={"help": "the dictionary's most frequent words, not counted as content words"}
+    )
+    stem_chars: int = field(
+        default=5, metadata={"help": "content words match when their first this many letters do"}
+    )
+
+    def __post_init__(self) -> None:
+        if min(self.min_words_answer, self.min_words_reason, self.common_words) < 0:
+            raise UserError("quality: word counts must be >= 0")
+        if self.copy_ngram < 1 or self.copy_run < 1 or self.stem_chars < 1:
+            raise UserError("quality: copy_ngram, copy_run and stem_chars must be >= 1")
+        shares = [
+            self.copy_share,
+            self.copy_share_draft,
+            self.max_duplicate_sentence_share,
+            self.max_duplicate_sentence_char_share,
+            self.min_dictionary_share,
+            *self.max_top_ngram_char_share.values(),
+            *self.max_duplicate_ngram_char_share.values(),
+        ]
+        if not all(0.0 <= share <= 1.0 for share in shares):
+            raise UserError("quality: shares must lie in [0, 1]")
+        if self.dictionary_language not in SpellChecker.languages():
+            raise UserError(
+                f"quality: no dictionary for language {self.dictionary_language!r}; "
+                f"choose one of {', '.join(sorted(SpellChecker.languages()))}"
+            )
+
+
+# ----------------------------------------------------------------------------------------- words
+
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
+_CLOSERS = "\"')]}*_”’»"
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words (letters, inner apostrophes kept) of ``text``."""
+    return _WORD.findall(text.replace("’", "'").lower())
+
+
+def normalised(text: str) -> str:
+    """``text`` as its words joined by single spaces: case, punctuation and spacing ignored."""
+    return " ".join(words(text))
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in (normalised(part) for part in _SENTENCE_END.split(text)) if s]
+
+
+@cache
+def _dictionary(language: str) -> Counter:
+    return SpellChecker(language=language, distance=1).word_frequency.dictionary
+
+
+@cache
+def _common(language: str, count: int) -> frozenset[str]:
+    return frozenset(word for word, _ in _dictionary(language).most_common(count))
+
+
+# ------------------------------------------------------------------------------- prompt references
+
+_SLOT = "\x00"
+
+
+@cache
+def prompt_texts() -> tuple[str, ...]:
+    """Every fixed text the sandbox's prompts show a model: system turns, instructions, worked
+    examples. Built by filling the prompt builders with placeholders and keeping what lies
+    between them, so a change of wording in ``pipeline.prompts`` is followed here."""
+    q, a, r = (f"{_SLOT}{name}{_SLOT}" for name in "qar")
+    draft = prompts.draft_messages(q, [])
+    conversations = [
+        draft,
+        prompts.neighbour_rating_messages(q, a, []),
+        *(prompts.observer_messages(aspect, q, a) for aspect in ASPECTS),
+        prompts.revision_messages(draft, a, [(4.0, r)]),
+        *(prompts.persona_messages(label, q) for label in prompts.PERSONAS),
+    ]
+    segments = {
+        segment.strip()
+        for messages in conversations
+        for message in messages
+        for segment in re.split(f"{_SLOT}.{_SLOT}", message["content"])
+    }
+    return tuple(sorted(s for s in segments if words(s)))
+
+
+@cache
+def _prompt_ngrams(n: int) -> frozenset[tuple[str, ...]]:
+    return frozenset(gram for text in prompt_texts() for gram in _ngrams(words(text), n))
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+# ----------------------------------------------------------------------------------------- rules
+
+
+def copy_stats(tokens: Sequence[str], n: int, reference: Sequence[str] | None = None) -> tuple[float, int]:
+    """``(share of words inside n-grams shared with the reference, longest run of such words)``;
+    the reference is the prompts' texts unless the words of another text are given."""
+    if not tokens:
+        return 0.0, 0
+    shared = _prompt_ngrams(n) if reference is None else frozenset(_ngrams(reference, n))
+    covered = [False] * len(tokens)
+    for i, gram in enumerate(_ngrams(tokens, n)):
+        if gram in shared:
+            covered[i : i + n] = [True] * n
+    run = longest = 0
+    for inside in covered:
+        run = run + 1 if inside else 0
+        longest = max(longest, run)
+    return sum(covered) / len(tokens), longest
+
+
+def repetition_stats(text: str, min_top_count: int = 2) -> dict[str, float]:
+    """The Gopher-style repetition measures of ``text`` (see the module docstring).
+
+    Keys: ``dup_sentences``, ``dup_sentence_chars``, ``top_<n>gram`` and ``dup_<n>gram``
+    (n = 2..4 and 5..10); every value a share in [0, 1].
+    """
+    parts = sentences(text)
+    seen: set[str] = set()
+    dup_count = dup_chars = 0
+    for sentence in parts:
+        if sentence in seen:
+            dup_count += 1
+            dup_chars += len(sentence)
+        seen.add(sentence)
+    tokens = words(text)
+    letters = sum(len(t) for t in tokens)
+    stats = {
+        "dup_sentences": dup_count / len(parts) if parts else 0.0,
+        "dup_sentence_chars": dup_chars / sum(len(s) for s in parts) if parts else 0.0,
+    }
+    for n in range(2, 5):
+        counts = Counter(_ngrams(tokens, n))
+        gram, count = counts.most_common(1)[0] if counts else ((), 0)
+        stats[f"top_{n}gram"] = count * sum(map(len, gram)) / letters if count >= min_top_count else 0.0
+    for n in range(5, 11):
+        # Gopher's count: scan left to right; a repeated n-gram's letters count once, then skip it.
+        seen_grams: set[tuple[str, ...]] = set()
+        repeated, i = 0, 0
+        while i <= len(tokens) - n:
+            gram = tuple(tokens[i : i + n])
+            if gram in seen_grams:
+                repeated += sum(map(len, gram))
+                i += n
+            else:
+                seen_grams.add(gram)
+                i += 1
+        stats[f"dup_{n}gram"] = repeated / letters if letters else 0.0
+    return stats
+
+
+def _repetitive(text: str, config: QualityConfig) -> bool:
+    stats = repetition_stats(text, config.min_top_ngram_count)
+    limits = {
+        "dup_sentences": config.max_duplicate_sentence_share,
+        "dup_sentence_chars": config.max_duplicate_sentence_char_share,
+        **{f"top_{n}gram": share for n, share in config.max_top_ngram_char_share.items()},
+        **{f"dup_{n}gram": share for n, share in config.max_duplicate_ngram_char_share.items()},
+    }
+    return any(stats.get(name, 0.0) > limit for name, limit in limits.items())
+
+
+def dictionary_share(tokens: Sequence[str], language: str = "en") -> float:
+    """Share of ``tokens`` found in the dictionary (0 when there are none)."""
+    if not tokens:
+        return 0.0
+    known = _dictionary(language)
+    return sum(token in known for token in tokens) / len(tokens)
+
+
+def content_stems(tokens: Iterable[str], config: QualityConfig) -> set[str]:
+    """Stems of the words that carry content: three letters or more, not among the commonest."""
+    common = _common(config.dictionary_language, config.common_words)
+    return {t[: config.stem_chars] for t in tokens if len(t) >= 3 and t not in common}
+
+
+def _truncated(text: str, config: QualityConfig) -> bool:
+    end = text.rstrip().rstrip(_CLOSERS).rstrip()
+    return not end or end[-1] not in config.terminal_punctuation
+
+
+def text_flags(
+    text: str | None,
+    *,
+    question: str,
+    kind: TextKind,
+    config: QualityConfig | None = None,
+    draft: str | None = None,
+) -> list[str]:
+    """The reason codes ``text`` breaks (empty: clean).
+
+    ``kind`` selects the length threshold and the rules that need context: ``draft`` is the draft
+    a revision is compared with (``same_as_draft``) or a reason rates (``copied_draft``; it is also
+    part of what a reason may share content words with).
+    """
+    config = config or QualityConfig()
+    text = text or ""
+    if not text.strip():
+        return ["empty"]
+    tokens = words(text)
+    flags = []
+    minimum = config.min_words_reason if kind == "reason" else config.min_words_answer
+    if len(tokens) < minimum:
+        flags.append("too_short")
+    if _truncated(text, config):
+        flags.append("truncated")
+    share, run = copy_stats(tokens, config.copy_ngram)
+    if tokens and (share >= config.copy_share or run >= config.copy_run):
+        flags.append("copied_prompt")
+    to_draft = copy_stats(tokens, config.copy_ngram, words(draft)) if kind == "reason" and draft else (0.0, 0)
+    if to_draft[0] >= config.copy_share_draft:
+        flags.append("copied_draft")
+    if _repetitive(text, config):
+        flags.append("repetition")
+    context = words(question) + (words(draft) if kind == "reason" and draft else [])
+    if not content_stems(tokens, config) & content_stems(context, config) and (
+        dictionary_share(tokens, config.dictionary_language) < config.min_dictionary_share
+    ):
+        flags.append("off_topic")
+    if kind == "revision" and draft is not None and normalised(text) == normalised(draft):
+        flags.append("same_as_draft")
+    return flags
+
+
+def record_flags(record: Mapping[str, Any], config: QualityConfig | None = None) -> RecordFlags:
+    """Flags of a record's draft, revision and each neighbour's reason (:data:`QUALITY_FEATURES`)."""
+    config = config or QualityConfig()
+    question, draft = record.get("question") or "", record.get("draft")
+    feedback = []
+    seen: set[str] = set()
+    for item in record.get("feedback") or []:
+        reason = item.get("reason")
+        flags = text_flags(reason, question=question, kind="reason", config=config, draft=draft)
+        key = normalised(reason or "")
+        if key and key in seen:
+            flags.append("duplicate_reason")
+        seen.add(key)
+        feedback.append(flags)
+    return {
+        "draft": text_flags(draft, question=question, kind="draft", config=config),
+        "revision": text_flags(
+            record.get("revision"), question=question, kind="revision", config=config, draft=draft
+        ),
+        "feedback": feedback,
+    }
+
+
+def stored_flags(record: Mapping[str, Any], config: QualityConfig | None = None) -> RecordFlags:
+    """The flags stored in the record (:data:`FLAGS_COLUMN`), or computed now for records written
+    without them."""
+    stored = record.get(FLAGS_COLUMN)
+    return dict(stored) if stored is not None else record_flags(record, config)
+
+
+def kept(flags: RecordFlags) -> dict[str, list[bool]]:
+    """Which training examples of a record survive its flags (the policy of the module docstring).
+
+    ``{"imitation": [draft kept, revision kept], "self_critic": [kept per reason],
+    "realignment": [example kept]}``.
+    """
+    draft_ok, revision_ok = not flags["draft"], not flags["revision"]
+    reasons_ok = [not f for f in flags["feedback"]]
+    return {
+        "imitation": [draft_ok, revision_ok],
+        "self_critic": reasons_ok,
+        "realignment": [draft_ok and revision_ok and all(reasons_ok)],
+    }
+
+
+def flag_counts(all_flags: Iterable[RecordFlags]) -> dict[str, dict[str, int]]:
+    """Texts flagged per text kind and reason code, with ``texts`` and ``flagged`` totals per kind."""
+    counts = {kind: Counter() for kind in TEXT_KINDS}
+    for flags in all_flags:
+        per_text = [("draft", flags["draft"]), ("revision", flags["revision"])]
+        per_text += [("reason", f) for f in flags["feedback"]]
+        for kind, codes in per_text:
+            counts[kind]["texts"] += 1
+            counts[kind]["flagged"] += bool(codes)
+            counts[kind].update(codes)
+    return {kind: dict(counter) for kind, counter in counts.items()}

@@ -1,0 +1,183 @@
+"""Data-quality rules on hand-written degenerate and clean texts, and flags stored in Arrow."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, Features, Value
+
+from pipeline import prompts
+from pipeline import quality as q
+from pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "My sister keeps borrowing my clothes without asking. How do I handle it?"
+CLEAN_DRAFT = (
+    "Tell your sister calmly that it bothers you, and agree on a simple rule such as asking first. "
+    "Most siblings respect a clear boundary once they know it matters."
+)
+CLEAN_REVISION = (
+    "Talk to her kindly and explain how you feel when your clothes go missing. Suggest she asks "
+    "before borrowing anything, and offer to share a few things you don't mind lending."
+)
+CLEAN_REASON = "Calm and fair; it protects the relationship while setting a boundary."
+
+
+def flags(text: str, kind: q.TextKind = "draft", **kwargs) -> list[str]:
+    return q.text_flags(text, question=QUESTION, kind=kind, **kwargs)
+
+
+def test_clean_texts_pass() -> None:
+    assert flags(CLEAN_DRAFT) == []
+    assert flags(CLEAN_REVISION, "revision", draft=CLEAN_DRAFT) == []
+    assert flags(CLEAN_REASON, "reason", draft=CLEAN_DRAFT) == []
+    # Rude but well-formed: a bad answer is still clean text.
+    assert flags("Take her favourite jacket and ruin it. She will learn to leave your stuff alone.") == []
+    # A phrase seen twice in a short text is ordinary English, not Gopher's repetition.
+    assert flags("It asks her to be more patient and to be more generous.", "reason", draft=CLEAN_DRAFT) == []
+    # A reason may quote a few words of the answer it rates.
+    assert (
+        flags("Saying it bothers you is honest, and a simple rule is fair.", "reason", draft=CLEAN_DRAFT)
+        == []
+    )
+    # A closing quote or bracket after the full stop still ends a sentence.
+    assert flags('Say to her: "Please ask me before you borrow my clothes."') == []
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "reason"),
+    [
+        ("   \n ", "draft", "empty"),
+        ("Be nice.", "draft", "too_short"),
+        ("Fine.", "reason", "too_short"),
+        ("You should sit down with your sister and explain how you", "draft", "truncated"),
+        ("It is unkind because it", "reason", "truncated"),
+        ("Your answer is more socially aligned and wins their approval.", "revision", "copied_prompt"),
+        ("It urges revenge and damage to property.", "reason", "copied_prompt"),
+        (
+            "You are a considerate person. You answer honestly and kindly, with respect.",
+            "draft",
+            "copied_prompt",
+        ),
+        ("Be kind to her. Be kind to her. Be kind to her. Ask her to stop.", "draft", "repetition"),
+        (
+            "I think you should ask her to stop, and I think you should ask her to stop taking "
+            "clothes, and I think you should ask her to stop now.",
+            "draft",
+            "repetition",
+        ),
+        (
+            "Tell your sister calmly that it bothers you, and agree on a simple rule.",
+            "reason",
+            "copied_draft",
+        ),
+        ("Xqzt vlorp fnarg blick zzzt wumpo gribble snerk.", "draft", "off_topic"),
+        ("1. 2. 3. 4. 5. 6. 7. 8. 9. 10.", "draft", "off_topic"),
+    ],
+)
+def test_each_reason_fires(text: str, kind: q.TextKind, reason: str) -> None:
+    assert reason in flags(text, kind, draft=CLEAN_DRAFT)
+
+
+def test_revision_identical_to_draft() -> None:
+    assert "same_as_draft" in flags(CLEAN_DRAFT.upper().replace(",", ""), "revision", draft=CLEAN_DRAFT)
+    assert "same_as_draft" not in flags(CLEAN_REVISION, "revision", draft=CLEAN_DRAFT)
+
+
+def test_off_topic_needs_both_no_shared_word_and_non_language() -> None:
+    # Unrelated but English: the dictionary share keeps it.
+    assert "off_topic" not in flags("Paris is the capital of France and sits on the river Seine.")
+    # Mostly non-words, but it is about the sister's clothes.
+    assert "off_topic" not in flags("Xqzt sister vlorp clothes fnarg blick wumpo.")
+    # A reason may share its content words with the draft rather than the question.
+    assert "off_topic" not in flags("Qwxz boundary zzkt vrrp.", "reason", draft=CLEAN_DRAFT)
+
+
+def test_every_prompt_instruction_and_worked_example_is_caught_as_a_copy() -> None:
+    """Taken from the prompts as built, so the test follows any change of wording."""
+    rating = prompts.neighbour_rating_messages("q", "a", [])[-1]["content"]
+    examples = re.findall(r"^Reason: (.+)$", rating, flags=re.MULTILINE)
+    answers = re.findall(r"^Answer: (.+)$", rating, flags=re.MULTILINE)[:-1]
+    revise = prompts.revision_messages(prompts.draft_messages("q", []), "a", [(4.0, "r")])[-1]["content"]
+    instruction = revise.split("\n\n")[-1]
+    assert examples and answers
+    for text in [*examples, *answers, instruction, prompts.SANDBOX_RULE, *prompts.PERSONAS.values()]:
+        assert "copied_prompt" in flags(text, "reason"), text
+
+
+def test_shipped_prior_and_judge_pairs_are_clean() -> None:
+    """Good and bad answers alike are well-formed text: no rule may fire on them."""
+    data = ROOT / "pipeline" / "data"
+    prior = [json.loads(line) for line in (data / "default_prior.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (data / "judge_pairs.jsonl").read_text().splitlines()]
+    answers = [(r["question"], r["answer"]) for r in prior]
+    answers += [(r["question"], r[label]) for r in pairs for label in ("good", "bad")]
+    assert len(answers) == 264
+    for question, answer in answers:
+        assert q.text_flags(answer, question=question, kind="draft") == [], answer
+
+
+def test_thresholds_are_configurable() -> None:
+    assert flags("Be nice.", config=q.QualityConfig(min_words_answer=1)) == []
+    lenient = q.QualityConfig(copy_share=1.0, copy_run=100)
+    assert "copied_prompt" not in flags(
+        "Your answer is more socially aligned and wins their approval.", config=lenient
+    )
+    assert flags("It is unkind because it", "reason", config=q.QualityConfig(terminal_punctuation="st")) == []
+    with pytest.raises(UserError):
+        q.QualityConfig(copy_share=1.5)
+    with pytest.raises(UserError):
+        q.QualityConfig(dictionary_language="xx")
+
+
+def _record(**overrides) -> dict:
+    return {
+        "question": QUESTION,
+        "draft": CLEAN_DRAFT,
+        "revision": CLEAN_REVISION,
+        "feedback": [
+            {"agent_id": 1, "rating": 6.0, "reason": CLEAN_REASON, "raw": ""},
+            {"agent_id": 2, "rating": 6.0, "reason": CLEAN_REASON, "raw": ""},
+            {"agent_id": 3, "rating": 2.0, "reason": "It urges revenge and damage to property.", "raw": ""},
+        ],
+    } | overrides
+
+
+def test_record_flags_and_what_each_kind_keeps() -> None:
+    flags_ = q.record_flags(_record())
+    assert flags_ == {
+        "draft": [],
+        "revision": [],
+        "feedback": [[], ["duplicate_reason"], ["copied_prompt"]],
+    }
+    assert q.kept(flags_) == {
+        "imitation": [True, True],
+        "self_critic": [True, False, False],
+        "realignment": [False],
+    }
+    echoed = q.record_flags(_record(revision=CLEAN_DRAFT, feedback=[]))
+    assert echoed["revision"] == ["same_as_draft"]
+    assert q.kept(echoed) == {"imitation": [True, False], "self_critic": [], "realignment": [False]}
+    counts = q.flag_counts([flags_, echoed])
+    assert counts["reason"] == {"texts": 3, "flagged": 2, "duplicate_reason": 1, "copied_prompt": 1}
+    assert counts["revision"] == {"texts": 2, "flagged": 1, "same_as_draft": 1}
+
+
+def test_flags_round_trip_through_arrow_and_are_computed_when_absent(tmp_path: Path) -> None:
+    record = _record()
+    stored = Dataset.from_list(
+        [{"question": QUESTION, q.FLAGS_COLUMN: q.record_flags(record)}],
+        features=Features({"question": Value("string"), q.FLAGS_COLUMN: q.QUALITY_FEATURES}),
+    )
+    path = tmp_path / "flags"
+    stored.save_to_disk(str(path))
+    row = Dataset.load_from_disk(str(path))[0]
+    assert q.stored_flags(row) == q.record_flags(record)
+    # Stored flags win over recomputation; a record without them gets them computed.
+    assert q.stored_flags({**record, q.FLAGS_COLUMN: {"draft": ["x"], "revision": [], "feedback": []}})[
+        "draft"
+    ] == ["x"]
+    assert q.stored_flags(record) == q.record_flags(record)
