@@ -1,23 +1,32 @@
-"""One sandbox round against a slow OpenAI-compatible server: ours vs the reference code's way.
+"""One sandbox round against a slow OpenAI-compatible server: ours vs the bare client vs the reference code's way.
 
     .venv/bin/python benchmarks/bench_simulate.py [--size 10] [--k 4] [--delay 0.2] [--threads 10]
+        [--transports aiohttp httpx] [--repeat 3]
 
 A fake OpenAI-compatible server (``pipeline.llm.testing.FakeOpenAIServer``, in its own process on
 127.0.0.1 so that it does not share the client's interpreter) answers every call after ``delay``
-seconds. Both sides use the real ``openai`` client.
+seconds. Every side uses the real ``openai`` client; ours and the bare client run once per HTTP
+transport (aiohttp, httpx), each on the same transport.
 
-- **ours**: ``run_simulation`` runs one round of a ``size x size`` world (k partners) through
-  ``build_backend`` with a concurrency limit above the round's widest step, and writes its shard
-  (timed: the round itself, ``SimulationResult.seconds``; not the setup or the summary plot).
-  An interaction is 4 calls deep (draft; observers + partners at once; revision; observers), so
-  the round can take no less than ``4 x delay``: reported as wall / bound (goal <= 1.15).
+- **ours**: ``run_simulation`` runs one round of a ``size x size`` world (k partners) the way
+  ``sandbox simulate`` does (preflight, circuit breaker, retries; no cache), with a concurrency
+  limit above the round's widest step, and writes its shard (timed: the round itself,
+  ``SimulationResult.seconds``; not the setup or the summary plot). An interaction is 4 calls deep
+  (draft; observers + partners at once; revision; observers), so the round can take no less than
+  ``4 x delay``: the critical-path bound.
+- **bare client**: the round's calls in four waves straight through ``openai.AsyncOpenAI`` on the
+  same transport (ratings asking for log-probabilities, as ours do), with no simulation at all:
+  the floor the client library sets on this machine.
+  Goal: ours <= 1.15 x the bare client.
+- **client CPU per call**: this process's CPU time over the run divided by the calls, for both.
 - **ours, no HTTP** (``--no-http``): the same round against an in-process backend that only
   sleeps ``delay``: what the orchestration itself (memories, prompts, shards) adds to the bound.
-- **bare client**: the round's calls in four waves straight through ``openai.AsyncOpenAI``, with
-  no simulation at all: the floor the client library sets on this machine.
 - **reference**: the same round's calls made as the reference code made them: ``threads`` worker
   threads, each running whole interactions with every call after the previous one (goal: ours at
   least 10x faster).
+
+Each timing is the best of ``--repeat`` runs (the machine may be shared: the minimum is the least
+disturbed one).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -57,29 +67,54 @@ def serve(delay: float) -> None:
         )
 
 
-def sleeping_backend(delay: float):
-    """A backend with no transport at all: every call answers after ``delay``."""
-    from pipeline.llm import ChatBackend, Completion, Rating
+def sleeping_backend(delay: float, log: list | None = None):
+    """A backend with no transport at all: every call answers after ``delay`` with what the fake
+    server would say; ``log`` collects ``(messages, is_rating)`` of every call."""
+    from pipeline.llm import ChatBackend, Completion
+    from pipeline.llm.ratings import rating_from_text
 
     class Sleeping(ChatBackend):
         model_name = "sleeping"
 
         async def complete(self, messages, *, sample_index=0, **params):
+            if log is not None:
+                log.append((messages, False))
             await asyncio.sleep(delay)
             return Completion(reply({"messages": messages}), self.model_name)
 
         async def rate(self, messages, *, scale=7, sample_index=0, **params):
+            if log is not None:
+                log.append((messages, True))
             await asyncio.sleep(delay)
-            return Rating(4.0, "fine", "Rating: 4\nReason: fine", "parsed", self.model_name)
+            return rating_from_text(reply({"messages": messages}), scale=scale, model=self.model_name)
 
     return Sleeping()
 
 
+def round_waves(size: int, k: int) -> list[list[tuple[list, bool]]]:
+    """The requests of one round, as four waves (drafts; ratings; revisions; ratings): recorded
+    from the round itself, so the bare client sends the very messages ours does."""
+    from pipeline.simulate import SimulationConfig, run_simulation
+
+    log: list[tuple[list, bool]] = []
+    with tempfile.TemporaryDirectory() as output:
+        config = SimulationConfig(output=output, size=size, rounds=1, k=k, flush_every=size * size)
+        run_simulation(config, backends=(sleeping_backend(0.05, log),) * 2, progress=False)
+    agents = size * size
+    bounds = [0, agents, agents + (k + 2) * agents, 2 * agents + (k + 2) * agents, len(log)]
+    return [log[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def run_ours(
-    url: str | None, size: int, k: int, concurrency: int | None = None, delay: float = 0.2
+    url: str | None,
+    size: int,
+    k: int,
+    concurrency: int | None = None,
+    delay: float = 0.2,
+    transport: str = "aiohttp",
 ) -> tuple[float, float]:
     """Wall and CPU seconds of one round through ``run_simulation`` (``url=None``: no HTTP, see above)."""
-    from pipeline.llm import BackendSpec, build_backend
+    from pipeline.llm import BackendSpec
     from pipeline.simulate import SimulationConfig, run_simulation
 
     with tempfile.TemporaryDirectory() as output:
@@ -89,34 +124,42 @@ def run_ours(
             base_urls=[url or "http://unused"],
             max_concurrency=concurrency or (k + 2) * size * size,
             cache_mode="off",
+            transport=transport,
         )
         config = SimulationConfig(
             output=output, size=size, rounds=1, k=k, agent=spec, flush_every=size * size
         )
-        backend = build_backend(spec) if url else sleeping_backend(delay)
-        result = run_simulation(config, backends=(backend, backend), progress=False)
+        backends = None if url else (sleeping_backend(delay),) * 2
+        result = run_simulation(config, backends=backends, progress=False)
         return result.seconds, result.cpu_seconds
 
 
-def run_client_floor(url: str, size: int, k: int) -> float:
-    """The round's calls in four waves straight through ``openai.AsyncOpenAI``: the client's own floor."""
+def run_client_floor(url: str, waves_: list, transport: str = "aiohttp") -> tuple[float, float]:
+    """Wall and CPU seconds of the round's requests (:func:`round_waves`) in their four waves
+    straight through ``openai.AsyncOpenAI`` on ``transport``: the client's own floor."""
     import openai
 
-    from pipeline import prompts
+    from pipeline.llm.openai_backend import TOP_LOGPROBS
 
-    messages = prompts.observer_messages("alignment", "Is it fair?", "Yes, it is fair to everyone.")
-    agents = size * size
+    sampling = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0}
+    rating = {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
 
-    async def waves() -> float:
-        client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0)
-        started = time.perf_counter()
-        for wave in (agents, (k + 2) * agents, agents, 2 * agents):
+    async def waves() -> tuple[float, float]:
+        http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
+        client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, http_client=http_client)
+        started, cpu = time.perf_counter(), time.process_time()
+        for wave in waves_:
             await asyncio.gather(
-                *(client.chat.completions.create(model="fake", messages=messages) for _ in range(wave))
+                *(
+                    client.chat.completions.create(
+                        model="fake", messages=messages, **sampling, **(rating if is_rating else {})
+                    )
+                    for messages, is_rating in wave
+                )
             )
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         await client.close()
-        return seconds
+        return seconds, cpu
 
     return asyncio.run(waves())
 
@@ -160,6 +203,11 @@ def run_reference(url: str, size: int, k: int, threads: int) -> float:
     return time.perf_counter() - started
 
 
+def best(repeat: int, measure) -> tuple[float, float]:
+    """The (wall, cpu) of the fastest of ``repeat`` runs of ``measure()``."""
+    return min((measure() for _ in range(repeat)), key=lambda timing: timing[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,6 +219,8 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, help="calls in flight (default: the widest step, (k+2) x agents)"
     )
+    parser.add_argument("--transports", nargs="+", default=["aiohttp", "httpx"], choices=["aiohttp", "httpx"])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per timing; the fastest is reported")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--no-http", action="store_true", help="also time the round without HTTP")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -189,24 +239,32 @@ def main() -> None:
         url = server.stdout.readline().strip()
         calls = (args.k + 6) * args.size**2
         bound = 4 * args.delay
-        ours, cpu = run_ours(url, args.size, args.k, args.concurrency)
         print(
-            f"{args.size}x{args.size} world, k={args.k}, {calls} calls, server delay {args.delay * 1000:.0f} ms"
+            f"{args.size}x{args.size} world, k={args.k}, {calls} calls, server delay {args.delay * 1000:.0f} ms, "
+            f"critical-path bound {bound:.2f} s, best of {args.repeat}"
         )
-        print(
-            f"ours:      {ours:7.2f} s   critical-path bound {bound:.2f} s   ratio {ours / bound:.2f} (goal <= 1.15)"
-            f"   client CPU {cpu:.2f} s"
-        )
-        floor = run_client_floor(url, args.size, args.k)
-        print(f"bare openai client, same calls in 4 waves: {floor:.2f} s   ratio {floor / bound:.2f}")
+        ours_best = None
+        recorded = round_waves(args.size, args.k)
+        for transport in args.transports:
+            ours, cpu = best(
+                args.repeat,
+                lambda t=transport: run_ours(url, args.size, args.k, args.concurrency, transport=t),
+            )
+            floor, floor_cpu = best(args.repeat, lambda t=transport: run_client_floor(url, recorded, t))
+            ours_best = ours if ours_best is None else min(ours_best, ours)
+            print(
+                f"{transport:8s} ours {ours:5.2f} s ({ours / bound:.2f}x bound, {1000 * cpu / calls:.2f} ms CPU/call)"
+                f"   bare client {floor:5.2f} s ({floor / bound:.2f}x bound, {1000 * floor_cpu / calls:.2f} ms CPU/call)"
+                f"   ours/bare {ours / floor:.2f} (goal <= 1.15)"
+            )
         if args.no_http:
-            bare, _ = run_ours(None, args.size, args.k, delay=args.delay)
+            bare, _ = best(args.repeat, lambda: run_ours(None, args.size, args.k, delay=args.delay))
             print(f"ours, no HTTP: {bare:5.2f} s   ratio {bare / bound:.2f}")
         if not args.skip_reference:
             reference = run_reference(url, args.size, args.k, args.threads)
             print(
                 f"reference: {reference:7.2f} s   ({args.threads} threads, calls in sequence)   "
-                f"ours is {reference / ours:.1f}x faster (goal >= 10x)"
+                f"ours (fastest transport) is {reference / ours_best:.1f}x faster (goal >= 10x)"
             )
     finally:
         server.stdin.close()

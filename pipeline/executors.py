@@ -269,14 +269,19 @@ def slurm_script(
     )
 
 
-def submit_slurm(script: Path) -> str:
-    """Submit a job script with ``sbatch``; returns the job id."""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
+def sbatch() -> str:
+    """The ``sbatch`` command's path, or a :class:`UserError` when this is no Slurm login node."""
+    found = shutil.which("sbatch")
+    if found is None:
         raise UserError(
             "sbatch not found: submit from a Slurm login node, or print the script with --dry-run"
         )
-    done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+    return found
+
+
+def submit_slurm(script: Path, command: str) -> str:
+    """Submit a job script with ``command`` (:func:`sbatch`); returns the job id."""
+    done = subprocess.run([command, "--parsable", str(script)], capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"sbatch refused {script}: {' '.join(done.stderr.split())}")
     return done.stdout.strip().split(";")[0]

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from pipeline import argparsing, prompts
 from pipeline.errors import BackendLoadError, UserError, run_command
-from pipeline.executors import DONE, ExecutorConfig, run_ranks, slurm_script, submit_slurm
+from pipeline.executors import DONE, ExecutorConfig, run_ranks, sbatch, slurm_script, submit_slurm
 from pipeline.llm.base import (
     BackendKind,
     BackendSpec,
@@ -1010,13 +1010,14 @@ def _submit(config: SimulationConfig, dry_run: bool) -> int:
     if dry_run:
         print(script, end="")
         return 0
+    command = sbatch()
     run = prepare_run(config)
     preflight(config)
     _save_run(config, run)
     path = run.output / SLURM_FOLDER / f"simulate-{run.run_id}.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, script)
-    job = submit_slurm(path)
+    job = submit_slurm(path, command)
     print(
         f"submitted Slurm job {job}: {config.executor.workers} ranks, logs in {path.parent}; the last "
         f"rank to finish writes the summary (or: {PROG} --merge {run.output})"

@@ -22,8 +22,10 @@ from datasets import load_dataset
 
 from pipeline.executors import ExecutorConfig, ray_options, slurm_script
 from pipeline.llm.base import BackendSpec
+from pipeline.llm.layers import LimitedBackend
 from pipeline.llm.testing import FakeOpenAIServer
-from pipeline.simulate import main, rank_share
+from pipeline.shards import run_records
+from pipeline.simulate import SimulationConfig, main, rank_share, run_simulation
 
 SECRET = "sk-test-never-store-9876543210"
 KEY_ENV = "SANDBOX_EXECUTOR_TEST_KEY"
@@ -219,6 +221,7 @@ def test_slurm_script_shape_and_refusals(tmp_path, capsys):
         (["--workers", "0"], "workers must be at least 1"),
         (["--executor", "pbs"], "unknown executor 'pbs'"),
         (["--merge", str(tmp_path)], "holds no sandbox worlds"),
+        (["--executor", "slurm", "--size", "3", "--k", "2"], "sbatch not found"),  # no Slurm here
     ]:
         assert main(["-o", str(tmp_path / "run"), *flags]) == 2, flags
         err = capsys.readouterr().err
@@ -232,3 +235,19 @@ def test_rank_share_divides_budgets_and_rate():
     assert [s.call_budget for s in shares] == [4, 3, 3] and sum(s.call_budget for s in shares) == 10
     assert all(s.requests_per_minute == 200 and s.token_budget is None for s in shares)
     assert rank_share(spec, 0, 1) is spec
+
+
+def test_the_worlds_of_a_rank_run_at_once_under_one_cap(tmp_path, recording_backend):
+    backend = recording_backend(delay=0.02)
+    capped = LimitedBackend(backend, max_concurrency=5)
+    config = SimulationConfig(output=str(tmp_path), size=3, rounds=1, k=2, stances=["all_good", "all_bad"])
+    run_simulation(config, backends=(capped, capped), progress=False)
+    world_of = {r["draft"]: r["world_id"] for r in run_records(tmp_path)}
+    drafts = [c for c in backend.calls if c.kind == "draft"]
+    good = [c for c in drafts if world_of[c.output] == "all_good-seed0"]
+    bad = [c for c in drafts if world_of[c.output] == "all_bad-seed0"]
+    assert len(good) == len(bad) == 9
+    assert min(c.start for c in bad) < max(c.end for c in good)  # neither world waits for the other
+    calls = backend.calls
+    peak = max(sum(c.start <= t < c.end for c in calls) for t in (c.start for c in calls))
+    assert peak == 5 and len(calls) == 2 * 9 * 8  # the one cap holds for both worlds together
