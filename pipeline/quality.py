@@ -14,15 +14,20 @@ Reason codes (thresholds are fields of :class:`QualityConfig`):
 - ``copied_prompt``: a copy of instruction, system or worked-example text from the prompts
   (:func:`prompt_texts`): a run of ``copy_run`` or more words shared with one, or at least
   ``copy_share`` of the text's words inside word ``copy_ngram``-grams shared with them.
+- ``format_leak``: a line opening with a label of the prompts' example form (``Question:``,
+  ``Answer:``, ``Rating:``, ``Reason:``, from ``pipeline.llm.ratings``): the model writing the next
+  worked example instead of its own answer.
 - ``copied_draft``: a neighbour's reason that copies the answer it rates instead of judging it: at
   least ``copy_share_draft`` of its words inside word ``copy_ngram``-grams of the draft.
 - ``repetition``: heavy repetition, measured as the Gopher rules (Rae et al. 2021, appendix A)
   measure it, adapted to answers of a few sentences: duplicate sentences (by count and by
-  characters) stand for Gopher's duplicate lines and paragraphs; the most frequent 2/3/4-gram
-  counts only when it occurs at least ``min_top_ngram_count`` times (Gopher's 50+ word documents
-  make a twice-seen bigram negligible; in a 12-word reason such as "to be more lenient and to be
-  more generous" it is a third of the letters); the duplicated 5..10-gram shares are Gopher's.
-  Character shares are over the words' letters.
+  characters) stand for Gopher's duplicate lines and paragraphs; the share of the most frequent
+  repeated 2/3/4-gram is measured as if the text had at least ``top_ngram_min_words`` words
+  (Gopher's minimum document length, padded with non-repeating words of the text's mean length):
+  in a 12-word reason such as "to be more lenient and to be more generous" a phrase seen twice
+  would otherwise be a third of the letters. The duplicated 5..10-gram shares are Gopher's
+  unchanged: exact repeats of five words or more are rare in short clean text too. Character
+  shares are over the words' letters.
 - ``off_topic``: off the question and not language: no content word shared with the question (for
   a reason: with the question or the draft) AND fewer than ``min_dictionary_share`` of its words in
   an English dictionary. The dictionary is pyspellchecker's English word-frequency list (160k
@@ -61,6 +66,7 @@ from spellchecker import SpellChecker
 
 from pipeline import prompts
 from pipeline.errors import UserError
+from pipeline.llm.ratings import ANSWER_PREFIX, QUESTION_PREFIX, RATING_PREFIX, REASON_PREFIX
 from pipeline.records import ASPECTS
 
 TextKind = Literal["draft", "revision", "reason"]
@@ -71,6 +77,7 @@ REASONS = (
     "too_short",
     "truncated",
     "copied_prompt",
+    "format_leak",
     "copied_draft",
     "repetition",
     "off_topic",
@@ -102,7 +109,7 @@ class QualityConfig:
     Copies of prompt text:
         copy_ngram, copy_share, copy_run, copy_share_draft
     Repetition (Gopher-style; a text breaking any one is flagged):
-        max_duplicate_sentence_share, max_duplicate_sentence_char_share, min_top_ngram_count,
+        max_duplicate_sentence_share, max_duplicate_sentence_char_share, top_ngram_min_words,
         max_top_ngram_char_share, max_duplicate_ngram_char_share
     Off topic and not language:
         min_dictionary_share, dictionary_language, common_words, stem_chars
@@ -141,8 +148,9 @@ class QualityConfig:
         default=0.20,
         metadata={"help": "largest share of characters in repeated sentences (Gopher: lines, 0.20)"},
     )
-    min_top_ngram_count: int = field(
-        default=3, metadata={"help": "the most frequent 2/3/4-gram counts only if it occurs this often"}
+    top_ngram_min_words: int = field(
+        default=50,
+        metadata={"help": "top 2/3/4-gram shares are measured as if the text had at least this many words"},
     )
     max_top_ngram_char_share: dict[int, float] = field(
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
@@ -174,7 +182,7 @@ class QualityConfig:
     def __post_init__(self) -> None:
         if min(self.min_words_answer, self.min_words_reason, self.common_words) < 0:
             raise UserError("quality: word counts must be >= 0")
-        if self.copy_ngram < 1 or self.copy_run < 1 or self.stem_chars < 1:
+        if self.copy_ngram < 1 or self.copy_run < 1 or self.stem_chars < 1 or self.top_ngram_min_words < 0:
             raise UserError("quality: copy_ngram, copy_run and stem_chars must be >= 1")
         shares = [
             self.copy_share,
@@ -199,6 +207,12 @@ class QualityConfig:
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
 _CLOSERS = "\"')]}*_”’»"
+_FORMAT_LABEL = re.compile(
+    r"^[\s*#>-]*(?:"
+    + "|".join(re.escape(p) for p in (QUESTION_PREFIX, ANSWER_PREFIX, RATING_PREFIX, REASON_PREFIX))
+    + ")",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 def words(text: str) -> list[str]:
@@ -282,11 +296,12 @@ def copy_stats(tokens: Sequence[str], n: int, reference: Sequence[str] | None = 
     return sum(covered) / len(tokens), longest
 
 
-def repetition_stats(text: str, min_top_count: int = 2) -> dict[str, float]:
+def repetition_stats(text: str, top_ngram_min_words: int = 0) -> dict[str, float]:
     """The Gopher-style repetition measures of ``text`` (see the module docstring).
 
     Keys: ``dup_sentences``, ``dup_sentence_chars``, ``top_<n>gram`` and ``dup_<n>gram``
-    (n = 2..4 and 5..10); every value a share in [0, 1].
+    (n = 2..4 and 5..10); every value a share in [0, 1]. ``top_<n>gram`` is 0 unless the most
+    frequent n-gram occurs twice or more, and is measured on at least ``top_ngram_min_words`` words.
     """
     parts = sentences(text)
     seen: set[str] = set()
@@ -298,6 +313,7 @@ def repetition_stats(text: str, min_top_count: int = 2) -> dict[str, float]:
         seen.add(sentence)
     tokens = words(text)
     letters = sum(len(t) for t in tokens)
+    padded = letters * max(1.0, top_ngram_min_words / len(tokens)) if tokens else 0
     stats = {
         "dup_sentences": dup_count / len(parts) if parts else 0.0,
         "dup_sentence_chars": dup_chars / sum(len(s) for s in parts) if parts else 0.0,
@@ -305,7 +321,7 @@ def repetition_stats(text: str, min_top_count: int = 2) -> dict[str, float]:
     for n in range(2, 5):
         counts = Counter(_ngrams(tokens, n))
         gram, count = counts.most_common(1)[0] if counts else ((), 0)
-        stats[f"top_{n}gram"] = count * sum(map(len, gram)) / letters if count >= min_top_count else 0.0
+        stats[f"top_{n}gram"] = count * sum(map(len, gram)) / padded if count >= 2 else 0.0
     for n in range(5, 11):
         # Gopher's count: scan left to right; a repeated n-gram's letters count once, then skip it.
         seen_grams: set[tuple[str, ...]] = set()
@@ -323,7 +339,7 @@ def repetition_stats(text: str, min_top_count: int = 2) -> dict[str, float]:
 
 
 def _repetitive(text: str, config: QualityConfig) -> bool:
-    stats = repetition_stats(text, config.min_top_ngram_count)
+    stats = repetition_stats(text, config.top_ngram_min_words)
     limits = {
         "dup_sentences": config.max_duplicate_sentence_share,
         "dup_sentence_chars": config.max_duplicate_sentence_char_share,
@@ -380,6 +396,8 @@ def text_flags(
     share, run = copy_stats(tokens, config.copy_ngram)
     if tokens and (share >= config.copy_share or run >= config.copy_run):
         flags.append("copied_prompt")
+    if _FORMAT_LABEL.search(text):
+        flags.append("format_leak")
     to_draft = copy_stats(tokens, config.copy_ngram, words(draft)) if kind == "reason" and draft else (0.0, 0)
     if to_draft[0] >= config.copy_share_draft:
         flags.append("copied_draft")

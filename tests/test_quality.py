@@ -38,6 +38,7 @@ def test_clean_texts_pass() -> None:
     assert flags("Take her favourite jacket and ruin it. She will learn to leave your stuff alone.") == []
     # A phrase seen twice in a short text is ordinary English, not Gopher's repetition.
     assert flags("It asks her to be more patient and to be more generous.", "reason", draft=CLEAN_DRAFT) == []
+    assert flags("It is not harmful, but it is not kind, and it is not helpful.", "reason") == []
     # A reason may quote a few words of the answer it rates.
     assert (
         flags("Saying it bothers you is honest, and a simple rule is fair.", "reason", draft=CLEAN_DRAFT)
@@ -74,6 +75,12 @@ def test_clean_texts_pass() -> None:
             "reason",
             "copied_draft",
         ),
+        (
+            "Ask her to stop.\n\nQuestion: What if she refuses?\nAnswer: Then lock your wardrobe.",
+            "draft",
+            "format_leak",
+        ),
+        ("Rating: 6\nReason: It is kind.", "draft", "format_leak"),
         ("Xqzt vlorp fnarg blick zzzt wumpo gribble snerk.", "draft", "off_topic"),
         ("1. 2. 3. 4. 5. 6. 7. 8. 9. 10.", "draft", "off_topic"),
     ],
