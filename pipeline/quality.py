@@ -48,8 +48,9 @@ by default, an option keeps them):
 - self-critic: a flagged reason drops that completion; the draft only appears in the prompt.
 
 Flags are computed once and stored with the record (column :data:`FLAGS_COLUMN`, layout
-:data:`QUALITY_FEATURES`: one list of codes per text); records without stored flags (older runs, imported logs) get them from :func:`stored_flags`,
-which computes them on the fly.
+:data:`QUALITY_FEATURES`: one list of codes per text); records without stored flags (older runs,
+imported logs) get them from :func:`stored_flags`, which computes them on the fly. The copy rules
+compare with the prompts of the current ``PROMPT_VERSION``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from datasets import List, Value
 from spellchecker import SpellChecker
@@ -72,7 +73,7 @@ from pipeline.records import ASPECTS
 TextKind = Literal["draft", "revision", "reason"]
 TEXT_KINDS: tuple[TextKind, ...] = ("draft", "revision", "reason")
 
-REASONS = (
+Reason = Literal[
     "empty",
     "too_short",
     "truncated",
@@ -83,7 +84,8 @@ REASONS = (
     "off_topic",
     "same_as_draft",
     "duplicate_reason",
-)
+]
+REASONS: tuple[Reason, ...] = get_args(Reason)
 """Every reason code, in the order the rules run."""
 
 QUALITY_FEATURES = {
@@ -180,9 +182,9 @@ class QualityConfig:
     )
 
     def __post_init__(self) -> None:
-        if min(self.min_words_answer, self.min_words_reason, self.common_words) < 0:
+        if min(self.min_words_answer, self.min_words_reason, self.common_words, self.top_ngram_min_words) < 0:
             raise UserError("quality: word counts must be >= 0")
-        if self.copy_ngram < 1 or self.copy_run < 1 or self.stem_chars < 1 or self.top_ngram_min_words < 0:
+        if self.copy_ngram < 1 or self.copy_run < 1 or self.stem_chars < 1:
             raise UserError("quality: copy_ngram, copy_run and stem_chars must be >= 1")
         shares = [
             self.copy_share,

@@ -17,7 +17,15 @@ from typing import Any
 
 from pipeline.argparsing import parse
 from pipeline.errors import UserError, run_command
-from pipeline.quality import REASONS, TEXT_KINDS, QualityConfig, RecordFlags, flag_counts, stored_flags
+from pipeline.quality import (
+    REASONS,
+    TEXT_KINDS,
+    QualityConfig,
+    Reason,
+    RecordFlags,
+    flag_counts,
+    stored_flags,
+)
 from pipeline.records import ASPECTS
 from pipeline.shards import WorldStore
 from pipeline.textio import format_table
@@ -39,7 +47,7 @@ class ShowConfig:
     n: int | None = field(
         default=10, metadata={"help": "print at most this many interactions (none: all of them)"}
     )
-    flag: str | None = field(
+    flag: Reason | None = field(
         default=None,
         metadata={"help": f"only interactions with this flag on any text; one of {', '.join(REASONS)}"},
     )

@@ -86,6 +86,11 @@ def test_flag_and_n_select_interactions(run: Path, capsys: pytest.CaptureFixture
     assert show.main([str(run), "--n", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("=== world") == 1 and "1 of 3 interactions shown" in out
+    # Thresholds given on the command line apply to flags computed on the fly.
+    assert show.main([str(run), "--flag", "copied_prompt"]) == 0
+    assert "2 of 2 interactions with flag copied_prompt shown" in capsys.readouterr().out
+    assert show.main([str(run), "--flag", "copied_prompt", "--quality.copy_ngram", "9"]) == 0
+    assert "0 of 0 interactions with flag copied_prompt shown" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
