@@ -18,12 +18,19 @@ transport (aiohttp, httpx), each on the same transport.
   same transport (ratings asking for log-probabilities, as ours do), with no simulation at all:
   the floor the client library sets on this machine.
   Goal: ours <= 1.15 x the bare client.
+  Ours sends them with ``client.post`` (the client's documented low-level call, skipping
+  ``create``'s transform of the params), so the bare client is also timed that way.
 - **client CPU per call**: this process's CPU time over the run divided by the calls, for both.
 - **ours, no HTTP** (``--no-http``): the same round against an in-process backend that only
   sleeps ``delay``: what the orchestration itself (memories, prompts, shards) adds to the bound.
 - **reference**: the same round's calls made as the reference code made them: ``threads`` worker
   threads, each running whole interactions with every call after the previous one (goal: ours at
   least 10x faster).
+
+``--faults 0.1 0.3``: one round per rate and transport with every default setting (the client's
+retries and 60 s timeout, ours, the interaction retries, the breaker) against a server that gives
+that share of requests a fault of any kind: the share of interactions failed (goals: <= 1% at 10%,
+<= 5% at 30%).
 
 Each timing is the best of ``--repeat`` runs (the machine may be shared: the minimum is the least
 disturbed one).
@@ -55,11 +62,13 @@ def reply(body: dict) -> str:
     return f"Answer {digest % 100003}: be kind, honest and fair to everyone involved."
 
 
-def serve(delay: float) -> None:
-    """Run the fake server until stdin closes, printing its base URL first."""
-    from pipeline.llm.testing import FakeOpenAIServer
+def serve(delay: float, fault_rate: float = 0.0) -> None:
+    """Run the fake server until stdin closes, printing its base URL first; ``fault_rate`` of the
+    requests get a fault of any kind (seeded)."""
+    from pipeline.llm.testing import FakeOpenAIServer, FaultSchedule
 
-    with FakeOpenAIServer(delay=delay, reply=reply) as server:
+    schedule = FaultSchedule(rate=fault_rate) if fault_rate else None
+    with FakeOpenAIServer(delay=delay, reply=reply, schedule=schedule) as server:
         print(server.base_url, flush=True)
         sys.stdin.read()
         print(
@@ -134,10 +143,46 @@ def run_ours(
         return result.seconds, result.cpu_seconds
 
 
-def run_client_floor(url: str, waves_: list, transport: str = "aiohttp") -> tuple[float, float]:
+def start_server(delay: float, fault_rate: float = 0.0) -> tuple[subprocess.Popen, str]:
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--delay", str(delay), "--fault-rate", str(fault_rate)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return server, server.stdout.readline().strip()
+
+
+def stop_server(server: subprocess.Popen) -> str:
+    server.stdin.close()
+    stats = server.stdout.readline().strip()
+    server.wait(timeout=120)
+    return stats
+
+
+def run_faulty(url: str, size: int, k: int, transport: str) -> tuple[float, int, int]:
+    """One round with every default setting (retries, timeouts, breaker) against a faulty server:
+    wall seconds, interactions, failed interactions."""
+    from pipeline.llm import BackendSpec
+    from pipeline.simulate import SimulationConfig, run_simulation
+
+    with tempfile.TemporaryDirectory() as output:
+        spec = BackendSpec(
+            model="fake", base_urls=[url], max_concurrency=(k + 2) * size * size, transport=transport
+        )
+        config = SimulationConfig(output=output, size=size, rounds=1, k=k, agent=spec)
+        result = run_simulation(config, progress=False)
+        return result.seconds, result.interactions, result.failed
+
+
+def run_client_floor(
+    url: str, waves_: list, transport: str = "aiohttp", low_level: bool = False
+) -> tuple[float, float]:
     """Wall and CPU seconds of the round's requests (:func:`round_waves`) in their four waves
-    straight through ``openai.AsyncOpenAI`` on ``transport``: the client's own floor."""
+    straight through ``openai.AsyncOpenAI`` on ``transport``: the client's own floor, with
+    ``chat.completions.create`` or (``low_level``) ``client.post``, the call ours makes."""
     import openai
+    from openai.types.chat import ChatCompletion
 
     from pipeline.llm.openai_backend import TOP_LOGPROBS
 
@@ -149,14 +194,15 @@ def run_client_floor(url: str, waves_: list, transport: str = "aiohttp") -> tupl
         client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, http_client=http_client)
         started, cpu = time.perf_counter(), time.process_time()
         for wave in waves_:
-            await asyncio.gather(
-                *(
-                    client.chat.completions.create(
-                        model="fake", messages=messages, **sampling, **(rating if is_rating else {})
-                    )
-                    for messages, is_rating in wave
-                )
-            )
+            bodies = [
+                {"model": "fake", "messages": messages, **sampling, **(rating if is_rating else {})}
+                for messages, is_rating in wave
+            ]
+            if low_level:
+                calls = [client.post("/chat/completions", cast_to=ChatCompletion, body=b) for b in bodies]
+            else:
+                calls = [client.chat.completions.create(**body) for body in bodies]
+            await asyncio.gather(*calls)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         await client.close()
         return seconds, cpu
@@ -223,20 +269,34 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing; the fastest is reported")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--no-http", action="store_true", help="also time the round without HTTP")
+    parser.add_argument(
+        "--faults",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also run one round with default settings against a server giving this share of requests "
+        "a fault of any kind (500, 429, hang, empty, non-JSON, nonsense), per rate and transport",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fault-rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.delay)
+        serve(args.delay, args.fault_rate)
         return
 
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--delay", str(args.delay)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    for rate in args.faults:
+        for transport in args.transports:
+            faulty, faulty_url = start_server(args.delay, rate)
+            try:
+                seconds, interactions, failed = run_faulty(faulty_url, args.size, args.k, transport)
+            finally:
+                stop_server(faulty)
+            print(
+                f"{rate:.0%} faults, {transport}: {failed} of {interactions} interactions failed "
+                f"({failed / interactions:.1%}), round {seconds:.1f} s"
+            )
+    server, url = start_server(args.delay)
     try:
-        url = server.stdout.readline().strip()
         calls = (args.k + 6) * args.size**2
         bound = 4 * args.delay
         print(
@@ -251,11 +311,13 @@ def main() -> None:
                 lambda t=transport: run_ours(url, args.size, args.k, args.concurrency, transport=t),
             )
             floor, floor_cpu = best(args.repeat, lambda t=transport: run_client_floor(url, recorded, t))
+            post, post_cpu = best(args.repeat, lambda t=transport: run_client_floor(url, recorded, t, True))
             ours_best = ours if ours_best is None else min(ours_best, ours)
             print(
                 f"{transport:8s} ours {ours:5.2f} s ({ours / bound:.2f}x bound, {1000 * cpu / calls:.2f} ms CPU/call)"
                 f"   bare client {floor:5.2f} s ({floor / bound:.2f}x bound, {1000 * floor_cpu / calls:.2f} ms CPU/call)"
                 f"   ours/bare {ours / floor:.2f} (goal <= 1.15)"
+                f"   [bare client.post {post:5.2f} s, {1000 * post_cpu / calls:.2f} ms CPU/call, ours/that {ours / post:.2f}]"
             )
         if args.no_http:
             bare, _ = best(args.repeat, lambda: run_ours(None, args.size, args.k, delay=args.delay))
@@ -267,9 +329,7 @@ def main() -> None:
                 f"ours (fastest transport) is {reference / ours_best:.1f}x faster (goal >= 10x)"
             )
     finally:
-        server.stdin.close()
-        print(f"server: {server.stdout.readline().strip()}")
-        server.wait(timeout=30)
+        print(f"server: {stop_server(server)}")
 
 
 if __name__ == "__main__":

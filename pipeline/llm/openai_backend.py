@@ -42,6 +42,8 @@ PLACEHOLDER_API_KEY = "EMPTY"
 """Sent when the key's environment variable is unset: local servers accept any key."""
 
 TOP_LOGPROBS = 20  # the most OpenAI allows; vLLM's default cap is 20 as well
+_BEARER: Any = {"security": {"bearer_auth": True}}
+"""Request options of a chat call: the API key as a bearer token, as ``chat.completions.create`` sends it."""
 PREFLIGHT_TIMEOUT = 10.0
 """Seconds the preflight waits for an endpoint (at most; less when ``spec.timeout`` is lower)."""
 
@@ -82,9 +84,13 @@ class OpenAIBackend(ChatBackend):
         self, messages: list[Message], params: dict[str, Any], logprobs: bool
     ) -> ChatCompletion:
         extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        body = {"model": self.model_name, "messages": messages, **self.spec.sampling(**params), **extra}
         try:
-            return await self._client.chat.completions.create(
-                model=self.model_name, messages=messages, **self.spec.sampling(**params), **extra
+            # The client's documented low-level call: its retries, timeouts, auth and transport, without
+            # ``chat.completions.create``'s walk of every message through openai's TypedDict
+            # transforms (a third of the client's CPU per call; our body is plain JSON already).
+            return await self._client.post(
+                "/chat/completions", cast_to=ChatCompletion, body=body, options=_BEARER
             )
         except openai.APIStatusError as exc:
             if logprobs and exc.status_code in (400, 422):
