@@ -1,8 +1,14 @@
 """The main job (`make run`): simulate -> transform -> train -> evaluate on the embedded SmolLM2.
 
-Each stage is a command a user can run alone (it is printed before it runs). A stage whose output
-is complete is skipped, so an interrupted run resumes from the finished stages; the simulation
-itself resumes mid-round from its shards, and training from its last checkpoint.
+Orchestration only: each stage is the library function its command calls (the equivalent command
+is printed before it runs), and training runs `recipes/train.py` in its own process, exactly as a
+user launches it. A stage whose output is complete is skipped, so an interrupted run resumes from
+the finished stages; the simulation itself resumes mid-round from its shards, and training from
+its last checkpoint.
+
+Besides the training society, a small held-out society answers questions the training never sees
+(`pipeline/data/heldout_questions.txt`); its comparison groups, judged by the same observers, are
+one of the two sets preference accuracy is measured on (the other: the labelled test pairs).
 
 Environment: ``RUN_DIR`` (default ``outputs/demo``) holds everything the job writes.
 """
@@ -15,56 +21,129 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.argparsing import from_dict, load_yaml_config
 from pipeline.embedded import embedded_model_path
-from pipeline.plots import summary_table
+from pipeline.errors import UserError
+from pipeline.evaluate import EvaluationConfig, run_evaluation
+from pipeline.plots import summary_table as rounds_table
+from pipeline.simulate import SimulationConfig, run_simulation
+from pipeline.textio import format_table, write_atomic
+from pipeline.transform import TransformConfig, run_transform
+from pipeline.transform import summary_table as groups_table
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
+DATA_FILES = ROOT / "pipeline" / "data"
 RUN_DIR = Path(os.environ.get("RUN_DIR", ROOT / "outputs" / "demo"))
 SIM, DATA, MODEL, EVAL = (RUN_DIR / name for name in ("sandbox", "data", "model", "eval"))
-HELDOUT = ROOT / "pipeline" / "data" / "heldout_questions.txt"
+HELDOUT_SIM, HELDOUT_DATA = RUN_DIR / "heldout-sandbox", RUN_DIR / "heldout-data"
+HELDOUT = DATA_FILES / "heldout_questions.txt"
+NAMES = ("SmolLM2 (base)", "SmolLM2 (stable alignment)")
 
 
-def sandbox(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+def simulation(output: Path, **overrides: object) -> SimulationConfig:
+    data = load_yaml_config(CONFIGS / "simulate_demo.yaml") | {"output": str(output), **overrides}
+    return from_dict(SimulationConfig, data)
 
 
-def stages() -> list[tuple[str, Path, list[str]]]:
-    """(name, file that exists once the stage is complete, command)."""
+def simulate() -> None:
+    run_simulation(simulation(SIM))
+
+
+def simulate_heldout() -> None:
+    run_simulation(simulation(HELDOUT_SIM, questions=str(HELDOUT), rounds=1))
+
+
+def transform() -> None:
+    run_transform(TransformConfig(inputs=[str(SIM)], output=str(DATA), style="conversational"))
+
+
+def transform_heldout() -> None:
+    run_transform(
+        TransformConfig(inputs=[str(HELDOUT_SIM)], output=str(HELDOUT_DATA), style="conversational")
+    )
+
+
+def train_command() -> list[str]:
     checkpoints = sorted(MODEL.glob("checkpoint-*"))
     resume = ["--resume_from_checkpoint", str(checkpoints[-1])] if checkpoints else []
     return [
+        sys.executable,
+        str(ROOT / "recipes" / "train.py"),
+        "--config",
+        str(CONFIGS / "train_demo.yaml"),
+        "--model_name_or_path",
+        str(embedded_model_path()),
+        "--dataset_name",
+        str(DATA / "mixed"),
+        "--output_dir",
+        str(MODEL),
+        *resume,
+    ]
+
+
+def train() -> None:
+    result = subprocess.run(train_command(), cwd=ROOT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed (exit {result.returncode})")
+
+
+def evaluation() -> EvaluationConfig:
+    return EvaluationConfig(
+        compare=["embedded", str(MODEL)],
+        names=list(NAMES),
+        questions=str(HELDOUT),
+        simulation_questions=str(DATA_FILES / "default_questions.txt"),
+        heldout_groups=str(HELDOUT_DATA),
+        output=str(EVAL),
+    )
+
+
+def evaluate() -> None:
+    run_evaluation(evaluation())
+
+
+def sandbox(*args: str) -> str:
+    return shlex.join(["sandbox", *args])
+
+
+def stages() -> list[tuple[str, Path, str, Callable[[], None]]]:
+    """(name, file that exists once the stage is complete, the equivalent command, the stage)."""
+    demo = str(CONFIGS / "simulate_demo.yaml")
+    return [
+        ("simulate", SIM / "summary.json", sandbox("simulate", "--config", demo, "-o", str(SIM)), simulate),
         (
-            "simulate",
-            SIM / "summary.json",
-            sandbox("simulate", "--config", str(CONFIGS / "simulate_demo.yaml"), "--output", str(SIM)),
+            "simulate held-out",
+            HELDOUT_SIM / "summary.json",
+            sandbox(
+                "simulate",
+                "--config",
+                demo,
+                "-o",
+                str(HELDOUT_SIM),
+                "--questions",
+                str(HELDOUT),
+                "--rounds",
+                "1",
+            ),
+            simulate_heldout,
         ),
         (
             "transform",
             DATA / "summary.json",
-            sandbox(
-                "transform", str(SIM), "--output", str(DATA), "--style", "conversational", "--seed", "0"
-            ),
+            sandbox("transform", str(SIM), "-o", str(DATA), "--style", "conversational"),
+            transform,
         ),
         (
-            "train",
-            MODEL / "model.safetensors",
-            [
-                sys.executable,
-                str(ROOT / "recipes" / "train.py"),
-                "--config",
-                str(CONFIGS / "train_demo.yaml"),
-                "--model_name_or_path",
-                str(embedded_model_path()),
-                "--dataset_name",
-                str(DATA / "mixed"),
-                "--output_dir",
-                str(MODEL),
-                *resume,
-            ],
+            "transform held-out",
+            HELDOUT_DATA / "summary.json",
+            sandbox("transform", str(HELDOUT_SIM), "-o", str(HELDOUT_DATA), "--style", "conversational"),
+            transform_heldout,
         ),
+        ("train", MODEL / "model.safetensors", shlex.join(train_command()), train),
         (
             "evaluate",
             EVAL / "summary.json",
@@ -74,40 +153,57 @@ def stages() -> list[tuple[str, Path, list[str]]]:
                 "embedded",
                 str(MODEL),
                 "--names",
-                "SmolLM2 (base)",
-                "SmolLM2 (stable alignment)",
+                *NAMES,
                 "--questions",
                 str(HELDOUT),
-                "--simulation-questions",
-                str(ROOT / "pipeline" / "data" / "default_questions.txt"),
-                "--output",
+                "--heldout-groups",
+                str(HELDOUT_DATA),
+                "-o",
                 str(EVAL),
             ),
+            evaluate,
         ),
     ]
+
+
+def results() -> str:
+    """The one results table of the job: what was trained on, and what training changed."""
+    rounds = json.loads((SIM / "summary.json").read_text())
+    data = json.loads((DATA / "summary.json").read_text())
+    interactions = sum(row["interactions"] for row in rounds)
+    failed = sum(row["failed"] for row in rounds)
+    kinds = [(kind, info["available"], info["kept_in_mixed"]) for kind, info in data["kinds"].items()]
+    trained_on = format_table(("kind", "groups after filters", "in the training mix"), kinds)
+    return "\n\n".join(
+        [
+            f"society: {interactions} interactions ({failed} failed), per round:\n{rounds_table(rounds)}",
+            f"comparison groups:\n{groups_table(data)}\n{trained_on}",
+            (EVAL / "table.txt").read_text().rstrip(),
+        ]
+    )
 
 
 def main() -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     timings_path = RUN_DIR / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    for name, done, command in stages():
+    for name, done, command, stage in stages():
         if done.is_file():
             print(f"== {name}: already complete ({done}), skipped", flush=True)
             continue
-        print(f"== {name}: {shlex.join(command)}", flush=True)
+        print(f"== {name}: {command}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(command, cwd=ROOT, check=False)
-        if result.returncode != 0:
-            print(f"== {name} failed (exit {result.returncode}); rerun `make run` to resume", file=sys.stderr)
-            return result.returncode
+        try:
+            stage()
+        except (UserError, RuntimeError) as exc:
+            print(f"== {name} failed: {exc}; rerun `make run` to resume", file=sys.stderr)
+            return 1
         timings[name] = round(time.perf_counter() - start, 1)
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        write_atomic(timings_path, json.dumps(timings, indent=2) + "\n")
 
     print("\n== stage wall times (s):", ", ".join(f"{k} {v}" for k, v in timings.items()))
-    print(summary_table(json.loads((SIM / "summary.json").read_text())))
-    print((EVAL / "table.txt").read_text())
-    print(f"plots: {SIM / 'rounds.png'}, {EVAL / 'evaluation.png'}")
+    print(results())
+    print(f"\nplots: {SIM / 'rounds.png'}, {EVAL / 'evaluation.png'}")
     return 0
 
 
