@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from pipeline.errors import BackendLoadError
@@ -45,6 +46,9 @@ def embedded_gguf_path() -> Path:
     )
 
 
+_CONVERSION_LOCK = threading.Lock()
+
+
 def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
@@ -52,12 +56,21 @@ def _is_complete(folder: Path) -> bool:
 def embedded_model_path() -> Path:
     """Return a Hugging Face model folder holding the embedded SmolLM2, converting it on first use.
 
-    Concurrent first calls are safe: each converts into its own temporary folder and renames it
-    into place; a loser of the race discards its copy and uses the winner's.
+    Concurrent first calls are safe: each process converts into its own temporary folder and
+    renames it into place; a loser of the race discards its copy and uses the winner's. Threads of
+    one process convert one at a time (transformers' loading is not thread-safe).
     """
     target = cache_root() / EMBEDDED_NAME
     if _is_complete(target):
         return target
+    with _CONVERSION_LOCK:
+        if _is_complete(target):
+            return target
+        _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
     gguf = embedded_gguf_path()
     if importlib.util.find_spec("gguf") is None:
         raise EmbeddedModelMissing(f"the GGUF reader is not installed; run: {INSTALL_HINT}")
@@ -84,4 +97,3 @@ def embedded_model_path() -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target

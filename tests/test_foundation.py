@@ -19,6 +19,8 @@ from pipeline.argparsing import from_dict, parse
 from pipeline.errors import BackendLoadError, UserError, run_command
 from pipeline.textio import format_table, write_atomic
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _sandbox(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -57,10 +59,18 @@ def test_missing_embedded_package_names_the_fix(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.embedded
 def test_embedded_conversion_is_race_free(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process (say, a Ray worker) and two threads of this one ask for the model at once."""
     monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
+    code = "from pipeline.embedded import embedded_model_path; print(embedded_model_path())"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(1)
+    ]
     with ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda _: embedded.embedded_model_path(), range(2)))
-    assert paths[0] == paths[1] == tmp_path / embedded.EMBEDDED_NAME
+    paths += [Path(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert set(paths) == {tmp_path / embedded.EMBEDDED_NAME}
     assert [p.name for p in tmp_path.iterdir()] == [embedded.EMBEDDED_NAME]
 
     from transformers import AutoConfig
