@@ -191,7 +191,7 @@ def run_client_floor(
 
     async def waves() -> tuple[float, float]:
         http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
-        client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, http_client=http_client)
+        client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", http_client=http_client)
         started, cpu = time.perf_counter(), time.process_time()
         for wave in waves_:
             bodies = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion
 
@@ -48,13 +49,28 @@ PREFLIGHT_TIMEOUT = 10.0
 """Seconds the preflight waits for an endpoint (at most; less when ``spec.timeout`` is lower)."""
 
 
-def transport_client(spec: BackendSpec) -> Any:
-    """The client's HTTP transport for ``spec.transport`` (``None``: the client's own httpx default).
+KEEPALIVE_SECONDS = 2.0
+"""How long an idle connection is kept for reuse: less than the 5 s after which uvicorn (vLLM,
+``transformers serve``) closes it, so a connection the server is closing is never picked for a
+request ("Server disconnected"; under load such failures came in bursts that tripped the breaker)."""
 
-    ``DefaultAioHttpClient`` keeps the client's connection limits and timeouts; it raises a
-    RuntimeError naming the missing extra when aiohttp is not installed.
+
+def transport_client(spec: BackendSpec) -> Any:
+    """The client's HTTP transport for ``spec.transport``, with the client's connection limits and
+    timeouts and a keep-alive shorter than servers' (:data:`KEEPALIVE_SECONDS`).
+
+    ``DefaultAioHttpClient`` raises a RuntimeError naming the missing extra when aiohttp is not
+    installed.
     """
-    return openai.DefaultAioHttpClient() if spec.transport == "aiohttp" else None
+    default = openai.DEFAULT_CONNECTION_LIMITS
+    limits = httpx2.Limits(
+        max_connections=default.max_connections,
+        max_keepalive_connections=default.max_keepalive_connections,
+        keepalive_expiry=KEEPALIVE_SECONDS,
+    )
+    if spec.transport == "aiohttp":
+        return openai.DefaultAioHttpClient(limits=limits)
+    return openai.DefaultAsyncHttpxClient(limits=limits)
 
 
 class OpenAIBackend(ChatBackend):
