@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.simulate",
         "run the sandbox society and write Arrow shards of interaction records",
     ),
+    "show": ("pipeline.show", "print a run's interactions readably, with their quality flags"),
     "transform": ("pipeline.transform", "turn interaction records into scored comparison groups"),
     "push": ("pipeline.hub", "publish a transformed dataset and its card to the Hugging Face Hub"),
     "evaluate": ("pipeline.evaluate", "score models' answers with memoryless observers"),

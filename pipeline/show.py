@@ -1,7 +1,8 @@
 """``sandbox show RUN``: a run's interactions as a person reads them, with their quality flags.
 
 Each interaction prints the question, the draft, every neighbour's rating and reason, the
-revision and the observers' scores before and after, each text followed by its quality flags
+revision and the observers' scores before and after, each text marked when it was trimmed to its
+last complete sentence and followed by its quality flags
 (``pipeline.quality``): the flags stored with the record, or computed now for records written
 without them. A table of flag counts over the whole run closes the output.
 """
@@ -90,14 +91,23 @@ def format_interaction(record: Mapping[str, Any], flags: RecordFlags) -> str:
         f"=== world {record.get('world_id')}  round {record.get('round')}  agent {record.get('agent_id')}"
         f" ({record.get('stance')})  {record.get('status')} ==="
     )
-    lines = [head, "Question:", _block(record.get("question")), f"Draft:{_flags(flags['draft'])}"]
+    trimmed = record.get("trimmed") or {}
+
+    def label(name: str) -> str:
+        cut = " (trimmed to its last sentence)" if trimmed.get(name) else ""
+        return f"{name.title()}{cut}:{_flags(flags[name])}"
+
+    lines = [head, "Question:", _block(record.get("question")), label("draft")]
     lines.append(_block(record.get("draft")))
     lines.append("Neighbours:")
-    for item, codes in zip(record.get("feedback") or [], flags["feedback"], strict=True):
+    feedback = record.get("feedback") or []
+    cuts = trimmed.get("feedback") or [False] * len(feedback)
+    for item, codes, cut in zip(feedback, flags["feedback"], cuts, strict=True):
         rating = "no rating" if item.get("rating") is None else f"rated {item['rating']:.3g}"
-        lines.append(f"  agent {item.get('agent_id')}, {rating}:{_flags(codes)}")
+        trim = " (trimmed to its last sentence)" if cut else ""
+        lines.append(f"  agent {item.get('agent_id')}, {rating}{trim}:{_flags(codes)}")
         lines.append(_block(item.get("reason")))
-    lines += [f"Revision:{_flags(flags['revision'])}", _block(record.get("revision"))]
+    lines += [label("revision"), _block(record.get("revision"))]
     scores = record.get("scores") or {}
     lines.append(
         "Observers: "

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import show
+from pipeline import cli, prompts, show
 from pipeline.records import new_record
 from pipeline.shards import WorldStore
 
 QUESTION = "My sister keeps borrowing my clothes without asking. How do I handle it?"
 DRAFT = "Tell her calmly that it bothers you, and agree that she asks first. Most siblings respect that."
 REVISION = "Talk to her kindly about how you feel, and suggest she asks before borrowing anything."
+COPIED = prompts.SANDBOX_RULE.split(". ")[-1]  # a sentence of the system prompt
 
 
 def _record(agent: int, round_: int = 0, **fields) -> dict:
@@ -21,7 +22,7 @@ def _record(agent: int, round_: int = 0, **fields) -> dict:
         "revision": REVISION,
         "feedback": [
             {"agent_id": 1, "rating": 6.0, "reason": "Calm and fair; it sets a clear boundary.", "raw": ""},
-            {"agent_id": 4, "rating": None, "reason": "It urges revenge and damage to property.", "raw": ""},
+            {"agent_id": 4, "rating": None, "reason": COPIED, "raw": ""},
         ],
         "scores": {"alignment_before": 5.25, "alignment_after": 5.5, "engagement_before": 4.0},
     }
@@ -44,7 +45,10 @@ def run(tmp_path: Path) -> Path:
     store = WorldStore(tmp_path / "run" / "world-w0")
     store.open()
     store.append(0, [_record(3), _record(0, revision=DRAFT)])
-    store.append(1, [_record(3, 1, draft="Tell her calmly that it bothers you and that", feedback=[])])
+    cut = {"draft": True, "revision": False, "feedback": []}
+    store.append(
+        1, [_record(3, 1, draft="Tell her calmly that it bothers you and that", feedback=[], trimmed=cut)]
+    )
     return tmp_path / "run"
 
 
@@ -63,13 +67,13 @@ def test_prints_each_interaction_with_its_flags(run: Path, capsys: pytest.Captur
             "  agent 1, rated 6:",
             "    Calm and fair; it sets a clear boundary.",
             "  agent 4, no rating:  [copied_prompt]",
-            "    It urges revenge and damage to property.",
+            f"    {COPIED}",
             "Revision:  [same_as_draft]",
             f"    {DRAFT}",
             "Observers: alignment 5.25 -> 5.50, engagement 4.00 -> -",
         ]
     )
-    assert "round 1  agent 3" in out and "Draft:  [truncated]" in out
+    assert "round 1  agent 3" in out and "Draft (trimmed to its last sentence):  [truncated]" in out
     assert "3 of 3 interactions shown (3 in the run)." in out
     table = out.rsplit("\n\n", 1)[1].splitlines()
     assert table[0].split() == ["text", "texts", "flagged", "truncated", "copied_prompt", "same_as_draft"]
@@ -89,7 +93,12 @@ def test_flag_and_n_select_interactions(run: Path, capsys: pytest.CaptureFixture
     # Thresholds given on the command line apply to flags computed on the fly.
     assert show.main([str(run), "--flag", "copied_prompt"]) == 0
     assert "2 of 2 interactions with flag copied_prompt shown" in capsys.readouterr().out
-    assert show.main([str(run), "--flag", "copied_prompt", "--quality.copy_ngram", "9"]) == 0
+    assert (
+        show.main(
+            [str(run), "--flag", "copied_prompt", "--quality.copy_ngram", "30", "--quality.copy_run", "30"]
+        )
+        == 0
+    )
     assert "0 of 0 interactions with flag copied_prompt shown" in capsys.readouterr().out
 
 
@@ -111,3 +120,8 @@ def test_bad_arguments_are_one_line_errors(
 def test_a_folder_without_worlds_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert show.main([str(tmp_path)]) == 2
     assert "no world-* folders" in capsys.readouterr().err
+
+
+def test_sandbox_show_is_a_subcommand(run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["show", str(run), "--n", "1"]) == 0
+    assert capsys.readouterr().out.startswith("=== world w0  round 0  agent 0 (good)  ok ===")
