@@ -121,3 +121,26 @@ def test_retrained_folder_gets_a_new_cache_identity(tiny_model_dir, tmp_path) ->
     weights.write_bytes(weights.read_bytes() + b"\0")  # stands for new weights saved in place
     assert weights_fingerprint(folder) != before
     assert weights_fingerprint("org/hub-name") == ""
+
+
+def test_sampled_answers_do_not_depend_on_the_batch(tiny_model_dir: Path) -> None:
+    """At temperature > 0 each request is seeded from itself: the same answer alone, in a batch,
+    in another order or next to other requests; another sample index gives another answer."""
+
+    async def answers(max_batch_size: int, prompts: list[str], index: int = 0) -> tuple[list[str], list[int]]:
+        spec = BackendSpec(
+            kind="local", max_tokens=16, temperature=1.0, top_p=0.9, max_batch_size=max_batch_size
+        )
+        backend = LocalBackend(tiny_model_dir, spec)
+        out = await asyncio.gather(*(backend.complete(_messages(p), sample_index=index) for p in prompts))
+        await backend.aclose()
+        return [c.text for c in out], backend.batch_sizes
+
+    batched, sizes = asyncio.run(answers(8, PROMPTS))
+    alone, alone_sizes = asyncio.run(answers(1, PROMPTS))
+    crowded, crowded_sizes = asyncio.run(answers(8, [*PROMPTS[::-1], "another request", "and one more"]))
+    assert sizes == [4] and alone_sizes == [1] * 4 and crowded_sizes == [6]
+    assert batched == alone == crowded[:4][::-1]
+    assert len(set(batched)) == 4  # four prompts, four different samples
+    other, _ = asyncio.run(answers(8, PROMPTS, index=1))
+    assert all(a != b for a, b in zip(other, batched, strict=True))

@@ -9,6 +9,11 @@ Ratings come from log-probabilities: the assistant turn is prefilled with the ra
 ``Rating:`` label and the next-token distribution over the digits ``1..scale`` (renormalised) gives
 the score's expected value; the reason is then generated after ``Rating: <most likely digit>`` and
 the ``Reason:`` label on the next line (``pipeline.llm.ratings``).
+
+Sampling (temperature > 0) is seeded per request: each request draws its tokens from its own
+generator, seeded from the request (messages, prefill and ``sample_index``, :func:`request_seed`),
+so a sampled answer is the same whichever other requests share its batch, and a run is repeatable
+without its response cache.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import math
 import queue
 import threading
@@ -36,6 +42,9 @@ from pipeline.llm.ratings import (
 
 _SAMPLING_KEYS = frozenset({"temperature", "top_p", "max_tokens"})
 
+SAMPLER = "seeded-v1"
+"""How sampled tokens are drawn (:class:`_SeededSampler`); part of the cache identity."""
+
 
 @dataclass
 class _Request:
@@ -44,6 +53,7 @@ class _Request:
     key: tuple
     messages: list[Message]
     prefill: list[int]
+    seed: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
 
@@ -62,6 +72,48 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def request_seed(messages: list[Message], prefill: list[int], sample_index: int) -> int:
+    """The seed of one request's sampling: a hash of everything that identifies the request.
+
+    Callers keep requests apart through ``sample_index`` (the simulation derives it from the run
+    seed, world, round, agent and call); the messages make unrelated requests differ as well.
+    """
+    payload = json.dumps([messages, prefill, sample_index], sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "big")
+
+
+class _SeededSampler:
+    """A logits processor that draws each row's next token with that row's own generator.
+
+    It returns scores that are ``-inf`` everywhere but at the drawn token, so greedy decoding
+    (``do_sample=False``) emits the draw. The draw is temperature scaling, nucleus (top-p)
+    filtering and one uniform number per row and step from the row's generator (inverse CDF over
+    the probabilities sorted by a stable sort): a row's tokens depend only on its own seed and
+    logits, never on the other rows of the batch.
+    """
+
+    def __init__(self, generators: list[Any], temperature: float, top_p: float):
+        self.generators = generators
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True, stable=True)
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always).
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= self.top_p, 0.0)
+        cumulative = ordered.cumsum(-1)
+        uniform = torch.stack([torch.rand((), generator=g, device=g.device) for g in self.generators]).to(
+            cumulative.device
+        )
+        draws = (uniform * cumulative[:, -1])[:, None]
+        picks = torch.searchsorted(cumulative, draws, right=True).clamp(max=cumulative.shape[-1] - 1)
+        tokens = order.gather(-1, picks)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
 
 def weights_fingerprint(model_path: str | Path) -> str:
@@ -84,8 +136,9 @@ class LocalBackend(ChatBackend):
     """A Hugging Face causal LM folder (or Hub name) run in-process with request batching.
 
     ``batch_sizes`` records the size of every model invocation, for tests and benchmarks.
-    Greedy when the temperature is 0. Sampled answers depend on which requests shared a batch, so
-    they are reproducible through the response cache rather than through a seed.
+    Greedy when the temperature is 0; otherwise sampled with a seed per request (see the module
+    docstring), so a sampled answer does not depend on which requests shared its batch.
+    ``identity`` (the cache's name for this model) includes the weights' dtype and the sampler.
     """
 
     def __init__(
@@ -103,7 +156,6 @@ class LocalBackend(ChatBackend):
             raise ValueError(f"max_batch_size must be at least 1, got {spec.max_batch_size}")
         self.spec = spec
         self.model_name = model_name or str(model_path)
-        self.identity = identity or f"local:{self.model_name}@{weights_fingerprint(model_path)}"
         self.batch_sizes: list[int] = []
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -117,6 +169,8 @@ class LocalBackend(ChatBackend):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float32 if device == "cpu" else "auto"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        name = identity or f"local:{self.model_name}@{weights_fingerprint(model_path)}"
+        self.identity = f"{name}|{str(self.model.dtype).removeprefix('torch.')}|{SAMPLER}"
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self._rating_tokens: dict[int, tuple[list[int], dict[int, int]] | None] = {}
@@ -137,16 +191,16 @@ class LocalBackend(ChatBackend):
             )
         return self.spec.sampling(**params)
 
-    async def _submit(self, key: tuple, messages: list[Message], prefill: list[int]) -> Any:
+    async def _submit(self, key: tuple, messages: list[Message], prefill: list[int], seed: int = 0) -> Any:
         if self._closed:
             raise LLMError(f"{self.identity}: the backend is closed")
         loop = asyncio.get_running_loop()
-        request = _Request(key, messages, prefill, loop, loop.create_future())
+        request = _Request(key, messages, prefill, seed, loop, loop.create_future())
         self._queue.put(request)
         return await request.future
 
     async def _generate(
-        self, messages: list[Message], prefill: list[int], sampling: dict[str, Any]
+        self, messages: list[Message], prefill: list[int], sampling: dict[str, Any], sample_index: int
     ) -> _Generated:
         key = (
             "generate",
@@ -154,10 +208,10 @@ class LocalBackend(ChatBackend):
             float(sampling["temperature"]),
             float(sampling["top_p"]),
         )
-        return await self._submit(key, messages, prefill)
+        return await self._submit(key, messages, prefill, request_seed(messages, prefill, sample_index))
 
     async def complete(self, messages: list[Message], *, sample_index: int = 0, **params: Any) -> Completion:
-        out = await self._generate(messages, [], self._sampling(params))
+        out = await self._generate(messages, [], self._sampling(params), sample_index)
         usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
         return Completion(text=out.text, model=self.model_name, usage=usage)
 
@@ -185,7 +239,7 @@ class LocalBackend(ChatBackend):
         sampling = self._sampling(params)
         tokens = self.rating_tokens(scale)
         if tokens is None:
-            out = await self._generate(messages, [], sampling)
+            out = await self._generate(messages, [], sampling, sample_index)
             usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
             return rating_from_text(out.text, scale=scale, model=self.model_name, usage=usage)
         prefill, digits = tokens
@@ -195,7 +249,7 @@ class LocalBackend(ChatBackend):
         best = max(distribution, key=distribution.__getitem__)
         reason_label = self.tokenizer.encode(f"\n{REASON_PREFIX}", add_special_tokens=False)
         reason_prefill = [*prefill, digits[best], *reason_label]
-        out = await self._generate(messages, reason_prefill, sampling)
+        out = await self._generate(messages, reason_prefill, sampling, sample_index)
         reason = trim_reason(out.text)
         return Rating(
             score=sum(d * p for d, p in distribution.items()),
@@ -285,8 +339,13 @@ class LocalBackend(ChatBackend):
     def _generate_batch(self, batch: list[_Request]) -> list[_Generated]:
         torch = self._torch
         _, max_tokens, temperature, top_p = batch[0].key
+        from transformers import LogitsProcessorList
+
         inputs, lengths = self._encode(batch)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            generators = [torch.Generator(device=self.model.device).manual_seed(r.seed) for r in batch]
+            processors.append(_SeededSampler(generators, temperature, top_p))
         self.batch_sizes.append(len(batch))
         with torch.inference_mode():
             output = self.model.generate(
@@ -294,7 +353,8 @@ class LocalBackend(ChatBackend):
                 attention_mask=inputs["attention_mask"],
                 max_new_tokens=max_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
-                **(sampling if temperature > 0 else {"do_sample": False}),
+                do_sample=False,
+                logits_processor=processors,
             )
         results = []
         for row, length in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), lengths, strict=True):
