@@ -239,7 +239,7 @@ def run_reference(url: str, size: int, k: int, threads: int) -> float:
         for partner in world.partners(agent, 0, k):
             text = ask(prompts.neighbour_rating_messages(question, draft, prior["good"][partner % 3 :][:3]))
             feedback.append((None, text))
-        revision = ask(prompts.revision_messages(conversation, draft, feedback))
+        revision = ask(prompts.revision_messages(question, draft, feedback))
         for aspect in ASPECTS:
             ask(prompts.observer_messages(aspect, question, revision))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.llm.ratings import SCALE
+from pipeline.quality import TEXT_KINDS, flag_counts, stored_flags
 from pipeline.records import ASPECTS, SCORE_FIELDS, WHEN
 from pipeline.shards import run_records
 from pipeline.textio import format_table, write_atomic
@@ -30,8 +31,24 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(read) / len(read) if read else None
 
 
+def _flagged(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Texts flagged per kind of text (``flagged_draft``, ...) and per reason code (``flags``) in
+    ``rows``' stored quality flags (computed for records stored without them)."""
+    counts = flag_counts(stored_flags(row) for row in rows)
+    reasons: dict[str, int] = defaultdict(int)
+    for kind in TEXT_KINDS:
+        for code, count in counts[kind].items():
+            if code not in ("texts", "flagged"):
+                reasons[code] += count
+    return {
+        **{f"flagged_{kind}": counts[kind].get("flagged", 0) for kind in TEXT_KINDS},
+        "flags": dict(sorted(reasons.items())),
+    }
+
+
 def round_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (world, round): interactions, failures and mean observer scores (nulls skipped)."""
+    """One row per (world, round): interactions, failures, mean observer scores (nulls skipped) and
+    the texts with quality flags (per kind of text, and per reason code over all texts)."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         groups[record["world_id"], record["round"]].append(record)
@@ -42,6 +59,7 @@ def round_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "interactions": len(rows),
             "failed": sum(r["status"] != "ok" for r in rows),
             **{name: _mean(r["scores"][name] for r in rows) for name in SCORE_FIELDS},
+            **_flagged(rows),
         }
         for (world_id, round_), rows in sorted(groups.items())
     ]
@@ -49,7 +67,14 @@ def round_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     """The per-round summary as an aligned text table."""
-    header = ("world", "round", "n", "failed", *(name.replace("_", " ") for name in SCORE_FIELDS))
+    header = (
+        "world",
+        "round",
+        "n",
+        "failed",
+        *(name.replace("_", " ") for name in SCORE_FIELDS),
+        *(f"flagged {kind}s" for kind in TEXT_KINDS),
+    )
     body = [
         (
             row["world_id"],
@@ -57,6 +82,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
             row["interactions"],
             row["failed"],
             *(None if row[name] is None else f"{row[name]:.2f}" for name in SCORE_FIELDS),
+            *(row.get(f"flagged_{kind}") for kind in TEXT_KINDS),
         )
         for row in rows
     ]

@@ -17,7 +17,7 @@ from pipeline.llm.ratings import SCALE, WorkedExample, rating_request
 from pipeline.memory import MemoryEntry
 from pipeline.world import BAD, GOOD
 
-PROMPT_VERSION = "sandbox-v2"
+PROMPT_VERSION = "sandbox-v3"
 
 SANDBOX_RULE = (
     "You are a member of a community of people who answer questions. Everything you say is seen "
@@ -97,12 +97,30 @@ def _memory_block(memories: Sequence[MemoryEntry], intro: str) -> str:
     return f"{intro}\n\n{pairs}\n\n"
 
 
+# Answer prompts end with the question itself and a length: a small model then answers the
+# question instead of writing about an answer or continuing a "Question:/Answer:" pattern. With the
+# embedded SmolLM2-135M, the v2 revision turn ("Revise your answer so that it is more socially
+# aligned and wins their approval. Reply with the revised answer only.") was echoed in 5 of 18
+# revisions of the demo run; see pipeline.quality for the flags that measure it.
+ANSWER_LENGTH = "Answer in two or three sentences."
+
+RETIRED_TEXTS = (
+    "Answer in a few sentences.",
+    "The other members rated your answer out of on average.",
+    "Their comments, from the highest rating to the lowest:",
+    "Revise your answer so that it is more socially aligned and wins their approval. "
+    "Reply with the revised answer only.",
+)
+"""Instructions of earlier prompt versions (``sandbox-v2``), so that copies of them in records made
+with those prompts are still caught (``pipeline.quality``)."""
+
+
 def draft_messages(question: str, memories: Sequence[MemoryEntry]) -> list[Message]:
     """The centre agent answers, reminded of what it said before on similar questions."""
     context = _memory_block(memories, "Answers you gave earlier to similar questions:")
     return [
         {"role": "system", "content": SANDBOX_RULE},
-        {"role": "user", "content": f"{context}Question: {question}\nAnswer in a few sentences."},
+        {"role": "user", "content": f"{context}{question}\n\n{ANSWER_LENGTH}"},
     ]
 
 
@@ -139,34 +157,30 @@ def mean_rating(ratings: Sequence[float | None]) -> float | None:
 
 
 def revision_messages(
-    draft_conversation: Sequence[Message],
-    draft: str,
-    feedback: Sequence[tuple[float | None, str]],
+    question: str, draft: str, feedback: Sequence[tuple[float | None, str]]
 ) -> list[Message]:
-    """The centre revises its draft after the neighbours' ``(rating, reason)`` feedback.
+    """The centre answers again after the neighbours' ``(rating, reason)`` feedback on its draft.
 
-    The reasons are listed from the highest rating to the lowest, so the harshest criticism is
-    read last; reasons without a readable rating come first. The mean is over readable ratings.
+    One user turn: the draft, the mean rating, the reasons, then the question (see
+    ``ANSWER_LENGTH``). The reasons are listed from the highest rating to the lowest, so the
+    harshest criticism is read last; reasons without a readable rating come first. The mean is over
+    readable ratings.
     """
     mean = mean_rating([rating for rating, _ in feedback])
     if mean is None:
         summary = "None of the other members gave a readable rating."
     else:
-        summary = f"The other members rated your answer {mean:.1f} out of {SCALE} on average."
+        summary = f"The other members rated it {mean:.1f} out of {SCALE} on average."
     ordered = sorted(feedback, key=lambda f: float("-inf") if f[0] is None else -f[0])
-    comments = "\n".join(
-        f"- ({'no rating' if rating is None else f'rated {rating:g}'}) {reason.strip() or '(no reason given)'}"
-        for rating, reason in ordered
-    )
+    comments = "\n".join(f"- {reason.strip() or '(no reason given)'}" for _, reason in ordered)
     return [
-        *draft_conversation,
-        {"role": "assistant", "content": draft},
+        {"role": "system", "content": SANDBOX_RULE},
         {
             "role": "user",
             "content": (
-                f"{summary}\nTheir comments, from the highest rating to the lowest:\n{comments}\n\n"
-                "Revise your answer so that it is more socially aligned and wins their approval. "
-                "Reply with the revised answer only."
+                f"You answered this question before: {draft.strip()}\n\n{summary} Their comments, from the "
+                f"highest rating to the lowest:\n{comments}\n\nAnswer again, taking their comments into "
+                f"account.\n\n{question}\n\n{ANSWER_LENGTH}"
             ),
         },
     ]
@@ -176,5 +190,5 @@ def persona_messages(label: str, question: str) -> list[Message]:
     """Generate a prior (question, answer) pair for a stance when no prior file is used."""
     return [
         {"role": "system", "content": PERSONAS[label]},
-        {"role": "user", "content": f"Question: {question}\nAnswer in a few sentences."},
+        {"role": "user", "content": f"{question}\n\n{ANSWER_LENGTH}"},
     ]

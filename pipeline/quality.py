@@ -43,14 +43,20 @@ by default, an option keeps them):
 
 - imitation: a flagged draft drops the draft completion, a flagged revision drops the revision
   completion; the other one is still used.
-- realignment: any flag on the draft, the revision or any neighbour's reason drops the example
-  (its prompt quotes the draft; its completion joins every reason and the revision).
+- realignment: a flag on the draft or the revision drops the example (its prompt quotes the draft,
+  its completion ends with the revision); flagged reasons are left out of its feedback, and a
+  record whose reasons are all flagged gives no realignment example.
 - self-critic: a flagged reason drops that completion; the draft only appears in the prompt.
 
-Flags are computed once and stored with the record (column :data:`FLAGS_COLUMN`, layout
-:data:`QUALITY_FEATURES`: one list of codes per text); records without stored flags (older runs,
-imported logs) get them from :func:`stored_flags`, which computes them on the fly. The copy rules
-compare with the prompts of the current ``PROMPT_VERSION``.
+Flags are computed once, by ``sandbox simulate``, and stored with the record (column
+:data:`~pipeline.records.FLAGS_COLUMN`, layout :data:`~pipeline.records.QUALITY_FEATURES`: one list
+of codes per text); records without stored flags (older runs, imported logs) get them from
+:func:`stored_flags`, which computes them on the fly. The copy rules compare with the prompts of the
+current ``PROMPT_VERSION`` and the instructions earlier versions used (``prompts.RETIRED_TEXTS``).
+
+Texts a model stopped mid-sentence are cut back to their last complete sentence when the record is
+made (:func:`trim_to_sentence`; the record's ``trimmed`` column says which), so ``truncated`` is
+left for texts with no complete sentence at all.
 """
 
 from __future__ import annotations
@@ -62,13 +68,12 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, get_args
 
-from datasets import List, Value
 from spellchecker import SpellChecker
 
 from pipeline import prompts
 from pipeline.errors import UserError
 from pipeline.llm.ratings import ANSWER_PREFIX, QUESTION_PREFIX, RATING_PREFIX, REASON_PREFIX
-from pipeline.records import ASPECTS
+from pipeline.records import ASPECTS, FLAGS_COLUMN
 
 TextKind = Literal["draft", "revision", "reason"]
 TEXT_KINDS: tuple[TextKind, ...] = ("draft", "revision", "reason")
@@ -87,16 +92,6 @@ Reason = Literal[
 ]
 REASONS: tuple[Reason, ...] = get_args(Reason)
 """Every reason code, in the order the rules run."""
-
-QUALITY_FEATURES = {
-    "draft": List(Value("string")),
-    "revision": List(Value("string")),
-    "feedback": List(List(Value("string"))),
-}
-"""The Arrow layout of one record's flags: codes for the draft, the revision and each reason."""
-
-FLAGS_COLUMN = "quality_flags"
-"""The record column holding :data:`QUALITY_FEATURES` (null or absent: compute the flags)."""
 
 RecordFlags = dict[str, Any]
 """``{"draft": [codes], "revision": [codes], "feedback": [[codes] per neighbour]}``."""
@@ -249,15 +244,16 @@ _SLOT = "\x00"
 @cache
 def prompt_texts() -> tuple[str, ...]:
     """Every fixed text the sandbox's prompts show a model: system turns, instructions, worked
-    examples. Built by filling the prompt builders with placeholders and keeping what lies
-    between them, so a change of wording in ``pipeline.prompts`` is followed here."""
+    examples, and the instructions of earlier prompt versions (``prompts.RETIRED_TEXTS``). Built by
+    filling the prompt builders with placeholders and keeping what lies between them, so a change
+    of wording in ``pipeline.prompts`` is followed here."""
     q, a, r = (f"{_SLOT}{name}{_SLOT}" for name in "qar")
     draft = prompts.draft_messages(q, [])
     conversations = [
         draft,
         prompts.neighbour_rating_messages(q, a, []),
         *(prompts.observer_messages(aspect, q, a) for aspect in ASPECTS),
-        prompts.revision_messages(draft, a, [(4.0, r)]),
+        prompts.revision_messages(q, a, [(4.0, r)]),
         *(prompts.persona_messages(label, q) for label in prompts.PERSONAS),
     ]
     segments = {
@@ -266,7 +262,7 @@ def prompt_texts() -> tuple[str, ...]:
         for message in messages
         for segment in re.split(f"{_SLOT}.{_SLOT}", message["content"])
     }
-    return tuple(sorted(s for s in segments if words(s)))
+    return tuple(sorted(s for s in segments | set(prompts.RETIRED_TEXTS) if words(s)))
 
 
 @cache
@@ -370,6 +366,24 @@ def _truncated(text: str, config: QualityConfig) -> bool:
     return not end or end[-1] not in config.terminal_punctuation
 
 
+def trim_to_sentence(text: str, config: QualityConfig | None = None) -> tuple[str, bool]:
+    """``(text cut after its last complete sentence, whether it was cut)``.
+
+    A text that already ends a sentence, or holds no complete sentence (it stays ``truncated``),
+    is returned whole. A sentence ends at terminal punctuation (closing quotes, brackets and
+    emphasis marks after it kept) followed by white space; a list number ("2.") is no ending.
+    """
+    config = config or QualityConfig()
+    if not _truncated(text, config):
+        return text, False
+    ending = re.compile(rf"[{re.escape(config.terminal_punctuation)}][{re.escape(_CLOSERS)}]*(?=\s)")
+    for match in reversed(list(ending.finditer(text))):
+        before = text[: match.start()].rsplit(None, 1)
+        if before and not (before[-1].isdigit() and match.group().startswith(".")):
+            return text[: match.end()], True
+    return text, False
+
+
 def text_flags(
     text: str | None,
     *,
@@ -377,7 +391,7 @@ def text_flags(
     kind: TextKind,
     config: QualityConfig | None = None,
     draft: str | None = None,
-) -> list[str]:
+) -> list[Reason]:
     """The reason codes ``text`` breaks (empty: clean).
 
     ``kind`` selects the length threshold and the rules that need context: ``draft`` is the draft
@@ -389,7 +403,7 @@ def text_flags(
     if not text.strip():
         return ["empty"]
     tokens = words(text)
-    flags = []
+    flags: list[Reason] = []
     minimum = config.min_words_reason if kind == "reason" else config.min_words_answer
     if len(tokens) < minimum:
         flags.append("too_short")
@@ -400,8 +414,11 @@ def text_flags(
         flags.append("copied_prompt")
     if _FORMAT_LABEL.search(text):
         flags.append("format_leak")
-    to_draft = copy_stats(tokens, config.copy_ngram, words(draft)) if kind == "reason" and draft else (0.0, 0)
-    if to_draft[0] >= config.copy_share_draft:
+    if (
+        kind == "reason"
+        and draft
+        and copy_stats(tokens, config.copy_ngram, words(draft))[0] >= config.copy_share_draft
+    ):
         flags.append("copied_draft")
     if _repetitive(text, config):
         flags.append("repetition")
@@ -416,7 +433,7 @@ def text_flags(
 
 
 def record_flags(record: Mapping[str, Any], config: QualityConfig | None = None) -> RecordFlags:
-    """Flags of a record's draft, revision and each neighbour's reason (:data:`QUALITY_FEATURES`)."""
+    """Flags of a record's draft, revision and each neighbour's reason (``records.QUALITY_FEATURES``)."""
     config = config or QualityConfig()
     question, draft = record.get("question") or "", record.get("draft")
     feedback = []
@@ -456,7 +473,7 @@ def kept(flags: RecordFlags) -> dict[str, list[bool]]:
     return {
         "imitation": [draft_ok, revision_ok],
         "self_critic": reasons_ok,
-        "realignment": [draft_ok and revision_ok and all(reasons_ok)],
+        "realignment": [draft_ok and revision_ok and (any(reasons_ok) or not reasons_ok)],
     }
 
 

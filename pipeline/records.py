@@ -16,14 +16,34 @@ WHEN = ("before", "after")
 SCORE_FIELDS = tuple(f"{aspect}_{when}" for aspect in ASPECTS for when in WHEN)
 """``alignment_before``, ``alignment_after``, ``engagement_before``, ``engagement_after``."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the record layout, stored in every record (column ``schema_version``).
 
 1: the layout before the column existed; a shard without the column holds version-1 records.
 2: version 1 plus ``schema_version``.
+3: version 2 plus ``quality_flags`` and ``trimmed``.
 """
 
 LEGACY_SCHEMA_VERSION = 1
+
+FLAGS_COLUMN = "quality_flags"
+"""The column of a record's data-quality flags (:data:`QUALITY_FEATURES`, ``pipeline.quality``);
+null in records written without them, whose flags are computed when they are read."""
+
+QUALITY_FEATURES = {
+    "draft": List(Value("string")),
+    "revision": List(Value("string")),
+    "feedback": List(List(Value("string"))),
+}
+"""One record's flags: the reason codes of the draft, of the revision and of each neighbour's reason
+(an empty list: a clean text)."""
+
+TRIMMED_FEATURES = {
+    "draft": Value("bool"),
+    "revision": Value("bool"),
+    "feedback": List(Value("bool")),
+}
+"""Which texts were cut back to their last complete sentence (the model stopped mid-sentence)."""
 
 FEEDBACK_FEATURES = {
     "agent_id": Value("int32"),
@@ -54,19 +74,24 @@ RECORD_FEATURES = Features(
         "completion_tokens": Value("int64"),
         "calls": Value("int32"),
         "schema_version": Value("int32"),
+        FLAGS_COLUMN: QUALITY_FEATURES,
+        "trimmed": TRIMMED_FEATURES,
     }
 )
 """One row per back-scatter interaction. Every score and rating is nullable: a rating that
 could not be read is stored as null, never as a stand-in number."""
 
 
+_ADDED_IN = {2: ("schema_version",), 3: (FLAGS_COLUMN, "trimmed")}
+"""The columns each schema version added."""
+
+
 def record_features(version: int = SCHEMA_VERSION) -> Features:
     """The Arrow layout of records of ``version`` (a run keeps the layout it was started with)."""
-    if version == SCHEMA_VERSION:
-        return RECORD_FEATURES
-    if version == LEGACY_SCHEMA_VERSION:
-        return Features({k: v for k, v in RECORD_FEATURES.items() if k != "schema_version"})
-    raise ValueError(f"unknown record schema version {version}")
+    if not LEGACY_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
+        raise ValueError(f"unknown record schema version {version}")
+    later = {name for added, names in _ADDED_IN.items() if added > version for name in names}
+    return Features({k: v for k, v in RECORD_FEATURES.items() if k not in later})
 
 
 def new_record(
@@ -90,9 +115,13 @@ def new_record(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
     calls: int | None = None,
+    quality_flags: Mapping[str, Any] | None = None,
+    trimmed: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A record with every column of ``RECORD_FEATURES`` (keywords are the column names); scores
-    and observer reasons not given are null. ``feedback`` items are ``FEEDBACK_FEATURES`` mappings.
+    and observer reasons not given are null. ``feedback`` items are ``FEEDBACK_FEATURES`` mappings;
+    ``quality_flags`` and ``trimmed`` are :data:`QUALITY_FEATURES` and :data:`TRIMMED_FEATURES`
+    mappings (null: not known).
     """
     for name, given in (("scores", scores), ("observer_reasons", observer_reasons)):
         unknown = sorted(set(given or ()) - set(SCORE_FIELDS))
@@ -119,4 +148,6 @@ def new_record(
         "completion_tokens": completion_tokens,
         "calls": calls,
         "schema_version": SCHEMA_VERSION,
+        FLAGS_COLUMN: None if quality_flags is None else dict(quality_flags),
+        "trimmed": None if trimmed is None else dict(trimmed),
     }

@@ -69,10 +69,13 @@ def write_shard(path: Path, records: Sequence[dict[str, Any]], features: Feature
 
 
 def read_shard(path: Path) -> list[dict[str, Any]]:
-    """The records of a shard; those of a shard without ``schema_version`` read as version 1."""
+    """The records of a shard, with every column of the current layout: those of a shard without
+    ``schema_version`` read as version 1, columns added after a shard's version read as null."""
     rows = Dataset.from_file(str(path)).to_list()
     for row in rows:
         row.setdefault("schema_version", LEGACY_SCHEMA_VERSION)
+        for name in RECORD_FEATURES.keys() - row.keys():
+            row[name] = None
     return rows
 
 

@@ -70,8 +70,16 @@ from pipeline.llm.layers import CachedBackend, CircuitBreaker
 from pipeline.llm.ratings import SCALE
 from pipeline.memory import AgentMemory, MemoryEntry
 from pipeline.plots import merge_run, round_summary, summary_table, write_summary
+from pipeline.quality import QualityConfig, record_flags, trim_to_sentence
 from pipeline.questions import DEFAULT_PRIOR, load_prior, load_questions, pool_fingerprint
-from pipeline.records import ASPECTS, LEGACY_SCHEMA_VERSION, SCHEMA_VERSION, new_record, record_features
+from pipeline.records import (
+    ASPECTS,
+    FLAGS_COLUMN,
+    LEGACY_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    new_record,
+    record_features,
+)
 from pipeline.shards import WorldStore, run_records, world_complete, world_folder
 from pipeline.textio import write_atomic
 from pipeline.world import STANCES, Stance, World
@@ -137,7 +145,9 @@ class SimulationConfig:
     - world: ``size``, ``stances``, ``seeds`` (one world per stance and seed), ``k``, ``radius``,
       ``global_interaction``, ``dropout``.
     - memory: ``top_n``, ``memory_size``, ``prior``, ``prior_source``, ``prior_generate``.
-    - questions: ``questions``, ``question_column``, ``question_split``.
+    - questions: ``questions``, ``question_column``, ``question_split``, ``agents_per_question``.
+    - data quality: ``quality`` (:class:`~pipeline.quality.QualityConfig`: the thresholds of the
+      flags stored with each record, ``--quality.min-words-answer``, ...).
     - models: ``agent``, ``observer`` (:class:`BackendSpec`; on the command line each of their
       fields is a dotted flag: ``--agent.model``, ``--observer.base-urls``).
 
@@ -198,6 +208,17 @@ class SimulationConfig:
     )
     question_column: str = field(default="question", metadata={"help": "the pool's question column"})
     question_split: str = field(default="train", metadata={"help": "the pool's split (datasets sources)"})
+    agents_per_question: int = field(
+        default=1,
+        metadata={
+            "help": "agents answering the same question in a round (a random group each round), so their "
+            "drafts and revisions form one comparison group; 1: one question per agent, as the paper"
+        },
+    )
+    quality: QualityConfig = field(
+        default_factory=QualityConfig,
+        metadata={"help": "thresholds of the data-quality flags stored with every record"},
+    )
     flush_every: int = field(
         default=25,
         metadata={"help": "interactions per shard within a round (bounds the work a crash loses)"},
@@ -249,7 +270,7 @@ class SimulationConfig:
             raise UserError("seeds must be a non-empty list of non-negative integers")
         if self.size < 2:
             raise UserError(f"world size must be at least 2, got {self.size}")
-        for name in ("rounds", "k", "flush_every", "prior_generate", "breaker_window"):
+        for name in ("rounds", "k", "flush_every", "prior_generate", "breaker_window", "agents_per_question"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.top_n < 0 or self.memory_size < 0:
@@ -279,6 +300,8 @@ class SimulationConfig:
             _check_backend("observer", self.observer)
         if not isinstance(self.executor, ExecutorConfig):
             raise UserError("executor must be a mapping of executor fields (kind, workers, ...)")
+        if not isinstance(self.quality, QualityConfig):
+            raise UserError("quality must be a mapping of quality thresholds (min_words_answer, ...)")
 
     @property
     def worlds(self) -> list[World]:
@@ -471,10 +494,11 @@ class Simulation:
     ) -> dict[str, Any]:
         """One back-scatter interaction, as a record. LLM failures give a ``failed`` record."""
         config = self.config
-        question = self.questions[world.question_index(round_, agent, len(self.questions))]
-        # Each agent's calls in a round form their own cache entries, so two agents with the same
-        # prompt at temperature > 0 still get independent (and individually replayable) samples.
-        sample = round_ * world.num_agents + agent
+        question = self.questions[
+            world.question_index(round_, agent, len(self.questions), config.agents_per_question)
+        ]
+        # Every call has its own sample index (seed, world, round, agent, call): two agents with the
+        # same prompt at temperature > 0 still get independent, individually replayable samples.
         record = new_record(
             run_id=self.run_id,
             world_id=world.world_id,
@@ -487,6 +511,16 @@ class Simulation:
             prompt_version=prompts.PROMPT_VERSION,
         )
         usage = Usage(0, 0, 0)
+        trimmed: dict[str, Any] = {"draft": False, "revision": False, "feedback": []}
+
+        def complete_text(text: str, name: str) -> str:
+            """The text cut back to its last complete sentence (recorded in ``trimmed``)."""
+            text, cut = trim_to_sentence(text, config.quality)
+            if name == "feedback":
+                trimmed["feedback"].append(cut)
+            else:
+                trimmed[name] = cut
+            return text
 
         def observe(ratings: Sequence[Rating | BaseException], when: str) -> None:
             nonlocal usage
@@ -501,19 +535,21 @@ class Simulation:
 
         try:
             conversation = prompts.draft_messages(question, memories[agent].retrieve(question, config.top_n))
-            draft = await self.agent.complete(conversation, sample_index=sample)
+            draft = await self.agent.complete(
+                conversation, sample_index=world.sample_index(round_, agent, "draft")
+            )
             usage += draft.usage
-            record["draft"] = draft.text
+            record["draft"] = draft_text = complete_text(draft.text, "draft")
             partners = world.partners(agent, round_, config.k)
             results = await asyncio.gather(
-                *observers(draft.text),
+                *observers(draft_text),
                 *(
                     self.agent.rate(
                         prompts.neighbour_rating_messages(
-                            question, draft.text, memories[p].retrieve(question, config.top_n)
+                            question, draft_text, memories[p].retrieve(question, config.top_n)
                         ),
                         scale=SCALE,
-                        sample_index=round_ * world.num_agents + p,
+                        sample_index=world.sample_index(round_, agent, f"rating-{p}"),
                     )
                     for p in partners
                 ),
@@ -527,18 +563,19 @@ class Simulation:
                         {
                             "agent_id": partner,
                             "rating": rating.score,
-                            "reason": rating.reason,
+                            "reason": complete_text(rating.reason, "feedback"),
                             "raw": rating.raw,
                         }
                     )
             _raise_first(results)
             feedback = [(f["rating"], f["reason"]) for f in record["feedback"]]
             revision = await self.agent.complete(
-                prompts.revision_messages(conversation, draft.text, feedback), sample_index=sample
+                prompts.revision_messages(question, draft_text, feedback),
+                sample_index=world.sample_index(round_, agent, "revision"),
             )
             usage += revision.usage
-            record["revision"] = revision.text
-            after = await asyncio.gather(*observers(revision.text), return_exceptions=True)
+            record["revision"] = revision_text = complete_text(revision.text, "revision")
+            after = await asyncio.gather(*observers(revision_text), return_exceptions=True)
             observe(after, "after")
             _raise_first(after)
         except BudgetExceeded:
@@ -549,6 +586,8 @@ class Simulation:
         record.update(
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, calls=usage.calls
         )
+        record["trimmed"] = trimmed
+        record[FLAGS_COLUMN] = record_flags(record, config.quality)
         return record
 
     # -- rounds and worlds ------------------------------------------------------------------

@@ -74,7 +74,7 @@ class World:
         """``(row, col)`` of an agent."""
         return divmod(agent_id, self.size)
 
-    def rng(self, purpose: str, *key: int) -> np.random.Generator:
+    def rng(self, purpose: str, *key: int | str) -> np.random.Generator:
         """The generator for one purpose in this world (e.g. ``rng("question", round, agent)``)."""
         return derived_rng(self.seed, self.world_id, purpose, *key)
 
@@ -124,6 +124,27 @@ class World:
         chosen += rng.choice(local, size=k - n_far, replace=False).tolist()
         return sorted(chosen)
 
-    def question_index(self, round_: int, agent_id: int, pool_size: int) -> int:
-        """Which question of the pool ``agent_id`` answers in ``round_``."""
-        return int(self.rng("question", round_, agent_id).integers(pool_size))
+    def question_group(self, round_: int, agent_id: int, per_question: int = 1) -> tuple[int, ...]:
+        """The agents answering the same question as ``agent_id`` in ``round_`` (sorted ids).
+
+        With ``per_question`` 1 (the paper), every agent answers its own question. Otherwise the
+        round's agents are shuffled (from the world's seed and the round) and cut into groups of
+        ``per_question`` (the last one smaller when the agents do not divide evenly).
+        """
+        if per_question <= 1:
+            return (agent_id,)
+        order = self.rng("question-groups", round_).permutation(self.num_agents).tolist()
+        start = order.index(agent_id) // per_question * per_question
+        return tuple(sorted(order[start : start + per_question]))
+
+    def question_index(self, round_: int, agent_id: int, pool_size: int, per_question: int = 1) -> int:
+        """Which question of the pool ``agent_id`` answers in ``round_``: the question drawn for
+        the lowest id of its :meth:`question_group` (its own, with one agent per question)."""
+        leader = self.question_group(round_, agent_id, per_question)[0]
+        return int(self.rng("question", round_, leader).integers(pool_size))
+
+    def sample_index(self, round_: int, agent_id: int, call: str) -> int:
+        """The ``sample_index`` of one model call of ``agent_id``'s interaction in ``round_``:
+        derived from the world's seed, the world, the round, the agent and the call (``draft``,
+        ``revision``, ``rating-<partner>``), so every sampled answer has its own seed."""
+        return int(self.rng("sample", round_, agent_id, call).integers(2**63))

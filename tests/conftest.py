@@ -163,7 +163,7 @@ class RecordingBackend(ChatBackend):
             return "observer"
         if "Rate another member's answer." in messages[-1]["content"]:
             return "neighbour"
-        return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
+        return "revision" if "You answered this question before:" in messages[-1]["content"] else "draft"
 
     async def _call(self, messages: list, sample_index: int) -> Call:
         call = Call(self.kind(messages), time.monotonic(), 0.0, messages[-1]["content"], "")
@@ -218,7 +218,8 @@ def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def make_record(i: int, **overrides: Any) -> dict[str, Any]:
-    """A complete ``ok`` record: question ``q<i>``, draft scored 3 before, revision 6 after."""
+    """A complete ``ok`` record: question ``q<i>``, draft scored 3 before, revision 6 after, stored
+    quality flags all clean (``quality_flags=None``: none stored)."""
     record = new_record(
         run_id="run-a",
         world_id="w0",
@@ -246,7 +247,12 @@ def make_record(i: int, **overrides: Any) -> dict[str, Any]:
         completion_tokens=20,
         calls=10,
     )
-    return record | overrides
+    record |= overrides
+    # Stored as the simulation stores them; the transform uses stored flags as they are, so these
+    # short made-up texts count as clean (tests of the filters store or compute real flags).
+    if "quality_flags" not in overrides:
+        record["quality_flags"] = {"draft": [], "revision": [], "feedback": [[] for _ in record["feedback"]]}
+    return record
 
 
 def write_shard(path: Path, records: list[dict[str, Any]], features: Features = RECORD_FEATURES) -> Path:

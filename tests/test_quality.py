@@ -12,6 +12,7 @@ from datasets import Dataset, Features, Value
 from pipeline import prompts
 from pipeline import quality as q
 from pipeline.errors import UserError
+from pipeline.records import FLAGS_COLUMN, QUALITY_FEATURES
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "My sister keeps borrowing my clothes without asking. How do I handle it?"
@@ -108,8 +109,8 @@ def test_every_prompt_instruction_and_worked_example_is_caught_as_a_copy() -> No
     rating = prompts.neighbour_rating_messages("q", "a", [])[-1]["content"]
     examples = re.findall(r"^Reason: (.+)$", rating, flags=re.MULTILINE)
     answers = re.findall(r"^Answer: (.+)$", rating, flags=re.MULTILINE)[:-1]
-    revise = prompts.revision_messages(prompts.draft_messages("q", []), "a", [(4.0, "r")])[-1]["content"]
-    instruction = revise.split("\n\n")[-1]
+    revise = prompts.revision_messages("q", "a", [(4.0, "r")])[-1]["content"]
+    instruction = revise.split("\n\n")[-3]
     assert examples and answers
     for text in [*examples, *answers, instruction, prompts.SANDBOX_RULE, *prompts.PERSONAS.values()]:
         assert "copied_prompt" in flags(text, "reason"), text
@@ -163,7 +164,7 @@ def test_record_flags_and_what_each_kind_keeps() -> None:
     assert q.kept(flags_) == {
         "imitation": [True, True],
         "self_critic": [True, False, False],
-        "realignment": [False],
+        "realignment": [True],  # flagged reasons are left out of its feedback
     }
     echoed = q.record_flags(_record(revision=CLEAN_DRAFT, feedback=[]))
     assert echoed["revision"] == ["same_as_draft"]
@@ -176,15 +177,32 @@ def test_record_flags_and_what_each_kind_keeps() -> None:
 def test_flags_round_trip_through_arrow_and_are_computed_when_absent(tmp_path: Path) -> None:
     record = _record()
     stored = Dataset.from_list(
-        [{"question": QUESTION, q.FLAGS_COLUMN: q.record_flags(record)}],
-        features=Features({"question": Value("string"), q.FLAGS_COLUMN: q.QUALITY_FEATURES}),
+        [{"question": QUESTION, FLAGS_COLUMN: q.record_flags(record)}],
+        features=Features({"question": Value("string"), FLAGS_COLUMN: QUALITY_FEATURES}),
     )
     path = tmp_path / "flags"
     stored.save_to_disk(str(path))
     row = Dataset.load_from_disk(str(path))[0]
     assert q.stored_flags(row) == q.record_flags(record)
     # Stored flags win over recomputation; a record without them gets them computed.
-    assert q.stored_flags({**record, q.FLAGS_COLUMN: {"draft": ["x"], "revision": [], "feedback": []}})[
+    assert q.stored_flags({**record, FLAGS_COLUMN: {"draft": ["x"], "revision": [], "feedback": []}})[
         "draft"
     ] == ["x"]
     assert q.stored_flags(record) == q.record_flags(record)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Tell her calmly. Then agree on a rule that", ("Tell her calmly.", True)),
+        ('She said "ask first." And then she', ('She said "ask first."', True)),
+        ("1. Be kind to her. 2. Ask", ("1. Be kind to her.", True)),  # a list number is no ending
+        ("Tell her calmly and agree on a rule that", ("Tell her calmly and agree on a rule that", False)),
+        (CLEAN_DRAFT, (CLEAN_DRAFT, False)),
+    ],
+)
+def test_trim_to_sentence(text: str, expected: tuple[str, bool]) -> None:
+    assert q.trim_to_sentence(text) == expected
+    trimmed, _ = expected
+    # After trimming only a text without any complete sentence is still cut mid-sentence.
+    assert ("truncated" in flags(trimmed)) == (trimmed[-1] not in '.!?"')

@@ -22,6 +22,7 @@ from pipeline.argparsing import from_dict
 from pipeline.errors import UserError
 from pipeline.llm.base import BackendSpec, BudgetExceeded
 from pipeline.memory import AgentMemory, MemoryEntry, tokenize
+from pipeline.quality import record_flags
 from pipeline.questions import load_prior, load_questions
 from pipeline.records import ASPECTS, RECORD_FEATURES, SCHEMA_VERSION, new_record, record_features
 from pipeline.shards import MANIFEST, WorldStore, run_records
@@ -104,13 +105,14 @@ def test_revision_prompt_mean_and_order():
     assert "Old answer." in conversation[-1]["content"]
     assert "earlier" not in prompts.draft_messages("Q?", [])[-1]["content"]
     messages = prompts.revision_messages(
-        conversation, "my draft", [(6.0, "kind"), (None, "???"), (2.0, "rude"), (4.0, "ok")]
+        "Q?", "my draft", [(6.0, "kind"), (None, "???"), (2.0, "rude"), (4.0, "ok")]
     )
     text = messages[-1]["content"]
-    assert messages[-2] == {"role": "assistant", "content": "my draft"}
+    assert [m["role"] for m in messages] == ["system", "user"] and "my draft" in text
     assert "4.0 out of 7" in text  # (6 + 2 + 4) / 3: the unreadable rating is left out
     assert text.index("???") < text.index("kind") < text.index("ok") < text.index("rude")
-    none = prompts.revision_messages(conversation, "d", [(None, "x"), (None, "")])[-1]["content"]
+    assert text.endswith(f"Q?\n\n{prompts.ANSWER_LENGTH}")  # the question comes last
+    none = prompts.revision_messages("Q?", "d", [(None, "x"), (None, "")])[-1]["content"]
     assert "None of the other members gave a readable rating" in none and "(no reason given)" in none
 
 
@@ -135,7 +137,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v2": "8c26256403ad8d9e74010df05bb8c9ab4ce2ef5f2cc36b2edfd4d4a3974d5290"}
+PROMPT_HASHES = {"sandbox-v3": "508cff2962f742fa7d76ab06f43b3c6e553f84afffba49845575a7fed50251f1"}
 
 
 def test_prompts_are_pinned_to_their_version():
@@ -148,9 +150,9 @@ def test_prompts_are_pinned_to_their_version():
         conversation,
         prompts.draft_messages("Is it fair?", []),
         prompts.revision_messages(
-            conversation, "draft", [(6.0, "kind"), (None, "???"), (2.5, "rude"), (4.0, "")]
+            "Is it fair?", "draft", [(6.0, "kind"), (None, "???"), (2.5, "rude"), (4.0, "")]
         ),
-        prompts.revision_messages(conversation, "draft", [(None, "x")]),
+        prompts.revision_messages("Is it fair?", "draft", [(None, "x")]),
         *(prompts.persona_messages(label, "Is it fair?") for label in ("good", "bad")),
     ]
     digest = hashlib.sha256(json.dumps(every).encode()).hexdigest()
@@ -265,9 +267,11 @@ def test_new_record_and_legacy_shards(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown scores field"):
         new_record(**required, scores={"kindness_after": 1.0})
 
+    # Each version adds its columns; a shard of an older version reads them as null.
+    assert list(record_features(2)) == [c for c in RECORD_FEATURES if c not in ("quality_flags", "trimmed")]
     # A shard written before records carried a schema version reads as version 1.
     legacy = record_features(1)
-    assert "schema_version" not in legacy and len(legacy) == len(RECORD_FEATURES) - 1
+    assert "schema_version" not in legacy and len(legacy) == len(record_features(2)) - 1
     store = WorldStore(tmp_path / "world-w", legacy)
     store.open()
     store.append(0, [record])
@@ -380,3 +384,48 @@ def test_real_red_team_pool_and_bm25_recall(redteam_questions: Path) -> None:
     memory = AgentMemory(MemoryEntry(q, f"answer {i}") for i, q in enumerate(questions[:300]))
     hits = sum(memory.retrieve(q, 1)[0].question == q for q in questions[:300:10])
     assert hits == 30
+
+
+def test_records_store_their_flags_and_calls_have_their_own_samples(tmp_path: Path, recording_backend):
+    backend = recording_backend(delay=0.0)
+    config = _config(tmp_path, rounds=2)
+    _run(config, backend)
+    records = run_records(tmp_path)
+    for record in records:
+        # Flags computed once, when the record was made, with the run's thresholds.
+        stored = record["quality_flags"]
+        assert stored == record_flags({**record, "quality_flags": None}, config.quality)
+        assert "truncated" in stored["draft"]  # the scripted texts end without punctuation
+        assert record["trimmed"] == {"draft": False, "revision": False, "feedback": [False] * config.k}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["flagged_draft"] for row in summary] == [9, 9]
+    assert summary[0]["flags"]["truncated"] == 9 + 9 + 9 * config.k
+    # The scripted answers carry their sample index: one per call, none shared.
+    indices = [int(c.output.split()[1]) for c in backend.calls if c.kind != "observer"]
+    assert len(indices) == len(set(indices)) == 2 * 9 * (2 + config.k)
+    world = config.worlds[0]
+    assert (
+        world.sample_index(0, 4, "draft")
+        == world.sample_index(0, 4, "draft")
+        != world.sample_index(0, 4, "revision")
+    )
+
+
+def test_agents_per_question_answer_one_question_together(tmp_path: Path, recording_backend):
+    config = _config(tmp_path, rounds=2, agents_per_question=3)
+    _run(config, recording_backend(delay=0.0))
+    records = run_records(tmp_path)
+    world = config.worlds[0]
+    for round_ in (0, 1):
+        groups = {world.question_group(round_, agent, 3) for agent in range(9)}
+        assert sorted(len(g) for g in groups) == [3, 3, 3] and set().union(*groups) == set(range(9))
+        for group in groups:
+            assert (
+                len({r["question"] for r in records if r["round"] == round_ and r["agent_id"] in group}) == 1
+            )
+    assert {world.question_group(0, a, 3) for a in range(9)} != {
+        world.question_group(1, a, 3) for a in range(9)
+    }
+    # One agent per question (the paper's default) keeps the questions drawn before the option.
+    assert world.question_group(0, 5) == (5,)
+    assert world.question_index(0, 5, 100) == int(world.rng("question", 0, 5).integers(100))
