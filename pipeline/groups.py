@@ -61,9 +61,10 @@ REALIGNMENT_SEPARATOR = "\n\nRevised answer: "
 PROMPT_TEMPLATE = "Question: {question}\nAnswer: {draft}\n\n{instruction}"
 """How question, draft and instruction make the self-critic and realignment prompts."""
 
-SKIP_REASONS = ("null_score", "out_of_scale", "empty", "below_threshold")
+SKIP_REASONS = ("null_score", "out_of_scale", "empty", "below_threshold", "flagged")
 """Why an example was skipped: its score was null; NaN or off the scale; its text was empty; a
-realignment example whose alignment did not rise above the threshold."""
+realignment example whose alignment did not rise above the threshold; its texts have data-quality
+flags that drop it (``pipeline.quality``; ``sandbox transform --keep-flagged`` keeps them)."""
 
 EXAMPLE_FEATURES = Features(
     {
@@ -121,13 +122,18 @@ def new_example(kind: str, prompt: str, run_id: str | None = None) -> dict[str, 
     } | dict.fromkeys(SKIP_REASONS, 0)
 
 
-def add_completion(example: dict[str, Any], completion: str | None, score: float | None) -> None:
-    """Add one scored completion to ``example``, or count why it cannot be used."""
+def add_completion(
+    example: dict[str, Any], completion: str | None, score: float | None, clean: bool = True
+) -> None:
+    """Add one scored completion to ``example``, or count why it cannot be used: a skip reason, or
+    (``clean`` false: its text has quality flags that drop it) ``flagged``."""
     problem = score_problem(score)
     if problem is None and not (completion or "").strip():
         problem = "empty"
     if problem:
         example[problem] += 1
+    elif not clean:
+        example["flagged"] += 1
     else:
         example["completions"].append(completion)
         example["scores"].append(score)

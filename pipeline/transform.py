@@ -11,13 +11,22 @@ separator and prompt template are in :mod:`pipeline.groups`):
   neighbours' feedback + ``REALIGNMENT_SEPARATOR`` + revision, scored by the alignment after,
   kept only when the alignment went up and the after-score is above ``REALIGNMENT_MIN_AFTER``.
 
+Texts with data-quality flags (:mod:`pipeline.quality`: echoed instructions, copied examples,
+repetition, cut mid-sentence, ...) are dropped by default (``keep_flagged`` keeps them), per kind as
+:mod:`pipeline.quality` says: a flagged draft or revision drops that imitation completion and the
+record's realignment example; a flagged reason drops that self-critic completion and is left out of
+the realignment feedback. The flags stored with each record are used; records stored without them
+(older runs, imported reference logs) get them computed here (``refresh_flags`` recomputes them all
+with this stage's thresholds). The summary and the card count flagged texts per reason.
+
 Examples sharing a (kind, prompt) become one **comparison group** (:mod:`pipeline.groups`): a row
 with ``prompt``, ``completions``, ``scores`` (best first), ``kind`` and provenance (``run_ids``,
 ``num_sources``, ``sft_only``). Nothing is ever given a made-up score: failed records and
 completions whose score is null, NaN or off the 1..7 scale are skipped and counted. Identical
 completions are merged within a group (their score is the mean), never across groups. Groups left
 with one completion are kept as SFT-only groups (``sft_only=True``); the Stable Alignment loss
-reduces to SFT on them. The kinds are then sampled into the ``mixed`` config (``--mix``).
+reduces to SFT on them. The kinds are then sampled into the ``mixed`` config (``--mix``, see
+:func:`mix_counts` for what the proportions mean when a kind is scarce).
 
 :func:`run_transform` does the whole stage from a :class:`TransformConfig`; ``sandbox transform``
 parses its command line into one and calls it. :func:`transform` and :func:`save` are its two
@@ -30,6 +39,7 @@ reuses the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -71,7 +81,8 @@ from pipeline.groups import (
     score_problem,
     split_kinds,
 )
-from pipeline.records import RECORD_FEATURES
+from pipeline.quality import QualityConfig, flag_counts, kept, record_flags
+from pipeline.records import FLAGS_COLUMN, QUALITY_FEATURES, RECORD_FEATURES
 from pipeline.textio import format_table, fsync_dir, write_atomic
 
 PROG = "sandbox transform"
@@ -129,12 +140,13 @@ def find_shards(folder: Path) -> list[Path]:
 
 
 def check_record_features(features: Features, where: str) -> None:
-    """Raise :class:`UserError` unless ``features`` holds the record columns with their types."""
+    """Raise :class:`UserError` unless ``features`` holds the record columns with their types (the
+    quality flags, stored since schema version 3, are optional)."""
     missing = [name for name in _RECORD_COLUMNS if name not in features]
     if missing:
         raise UserError(f"{where}: not interaction records, missing columns {', '.join(missing)}")
-    for name in _RECORD_COLUMNS:
-        if features[name] != RECORD_FEATURES[name]:
+    for name in (*_RECORD_COLUMNS, FLAGS_COLUMN):
+        if name in features and features[name] != RECORD_FEATURES[name]:
             raise UserError(
                 f"{where}: different schema, column {name!r} is {features[name]} "
                 f"instead of {RECORD_FEATURES[name]}"
@@ -198,10 +210,44 @@ def load_records(inputs: Sequence[str | os.PathLike | Dataset], cache_dir: str |
     flush_shards()
     if not parts:
         raise UserError("the input holds no records")
-    records = concatenate_datasets([p.select_columns(list(_RECORD_COLUMNS)) for p in parts])
+    records = concatenate_datasets([_with_flags_column(p) for p in parts])
     if len(records) == 0:
         raise UserError("the input holds no records")
     return records
+
+
+def _with_flags_column(records: Dataset) -> Dataset:
+    """The columns the transform reads, with a null flags column where the records have none."""
+    if FLAGS_COLUMN in records.column_names:
+        return records.select_columns([*_RECORD_COLUMNS, FLAGS_COLUMN])
+    records = records.select_columns(list(_RECORD_COLUMNS))
+    return records.add_column(FLAGS_COLUMN, [None] * len(records), feature=QUALITY_FEATURES)
+
+
+def _fill_flags(batch: dict[str, list], quality: QualityConfig, refresh: bool) -> dict[str, list]:
+    columns = list(batch)
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    return {
+        FLAGS_COLUMN: [
+            record_flags(row, quality) if refresh or row[FLAGS_COLUMN] is None else row[FLAGS_COLUMN]
+            for row in rows
+        ]
+    }
+
+
+def attach_flags(
+    records: Dataset, quality: QualityConfig, refresh: bool = False, num_proc: int | None = None
+) -> Dataset:
+    """``records`` with their quality flags: those stored are kept (all recomputed with ``refresh``),
+    the missing ones computed with ``quality``'s thresholds."""
+    return records.map(
+        _fill_flags,
+        batched=True,
+        fn_kwargs={"quality": quality, "refresh": refresh},
+        features=records.features,
+        num_proc=num_proc,
+        desc="Quality flags",
+    )
 
 
 def find_run_configs(inputs: Sequence[str | os.PathLike | Dataset]) -> dict[str, Any]:
@@ -238,23 +284,31 @@ def _without_secrets(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------- examples
 
 
-def record_examples(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The imitation, self-critic and realignment examples of one ``ok`` record (one row per kind)."""
+def record_examples(record: dict[str, Any], keep_flagged: bool = False) -> list[dict[str, Any]]:
+    """The imitation, self-critic and realignment examples of one ``ok`` record (one row per kind).
+
+    The record's quality flags (column ``FLAGS_COLUMN``; none: computed now) drop texts as
+    :func:`pipeline.quality.kept` says, unless ``keep_flagged``.
+    """
     question, draft, revision = record["question"], record["draft"], record["revision"]
     scores, run_id = record["scores"] or {}, record["run_id"]
     before, after = scores.get("alignment_before"), scores.get("alignment_after")
+    feedback_items = record["feedback"] or []
+    clean = kept(record.get(FLAGS_COLUMN) or record_flags(record))
+    if keep_flagged:
+        clean = {kind: [True] * len(flags) for kind, flags in clean.items()}
 
     imitation = new_example("imitation", question, run_id)
-    add_completion(imitation, draft, before)
-    add_completion(imitation, revision, after)
+    add_completion(imitation, draft, before, clean["imitation"][0])
+    add_completion(imitation, revision, after, clean["imitation"][1])
 
     self_critic = new_example(
         "self_critic",
         PROMPT_TEMPLATE.format(question=question, draft=draft, instruction=SELF_CRITIC_INSTRUCTION),
         run_id,
     )
-    for feedback in record["feedback"] or []:
-        add_completion(self_critic, feedback["reason"], feedback["rating"])
+    for feedback, ok in zip(feedback_items, clean["self_critic"], strict=True):
+        add_completion(self_critic, feedback["reason"], feedback["rating"], ok)
 
     realignment = new_example(
         "realignment",
@@ -267,36 +321,42 @@ def record_examples(record: dict[str, Any]) -> list[dict[str, Any]]:
     elif not (after > before and after > REALIGNMENT_MIN_AFTER):
         realignment["below_threshold"] += 1
     else:
-        reasons = [f["reason"].strip() for f in record["feedback"] or [] if (f["reason"] or "").strip()]
+        reasons = [
+            f["reason"].strip()
+            for f, ok in zip(feedback_items, clean["self_critic"], strict=True)
+            if ok and (f["reason"] or "").strip()
+        ]
         completion = (
             "\n".join(reasons) + REALIGNMENT_SEPARATOR + revision
             if reasons and (revision or "").strip()
             else None
         )
-        add_completion(realignment, completion, after)
+        add_completion(realignment, completion, after, clean["realignment"][0])
     return [imitation, self_critic, realignment]
 
 
-def _explode(batch: dict[str, list]) -> dict[str, list]:
+def _explode(batch: dict[str, list], keep_flagged: bool) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in EXAMPLE_FEATURES}
     columns = list(batch)
     for values in zip(*batch.values(), strict=True):
         record = dict(zip(columns, values, strict=True))
         if record["status"] != "ok":
             continue
-        for row in record_examples(record):
+        for row in record_examples(record, keep_flagged):
             for name, value in row.items():
                 out[name].append(value)
     return out
 
 
-def build_examples(records: Dataset, num_proc: int | None = None) -> Dataset:
-    """Records -> per-record example rows (``EXAMPLE_FEATURES``); failed records give none."""
+def build_examples(records: Dataset, num_proc: int | None = None, keep_flagged: bool = False) -> Dataset:
+    """Records -> per-record example rows (``EXAMPLE_FEATURES``); failed records give none, flagged
+    texts are dropped unless ``keep_flagged``."""
     return records.map(
         _explode,
         batched=True,
         remove_columns=records.column_names,
         features=EXAMPLE_FEATURES,
+        fn_kwargs={"keep_flagged": keep_flagged},
         num_proc=num_proc,
         desc="Building examples",
     )
@@ -338,15 +398,35 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def mix_counts(available: dict[str, int], mix: dict[str, float]) -> dict[str, int]:
-    """The largest counts in proportion to ``mix`` that the available groups allow.
+    """How many groups of each kind the ``mixed`` config takes: the mix caps the abundant kinds,
+    and a scarce kind contributes all it has.
 
-    A kind with nothing available is left out of the proportion rather than zeroing the mix.
+    The kinds with a positive weight and some groups take part; the one with the largest weight
+    (the first of ``KINDS`` on a tie: imitation in the paper's 5:1:1) is the main kind. The scale
+    is the main kind's groups per unit of weight, capped by that of the most plentiful other kind,
+    and each kind takes ``scale x weight`` groups (rounded down, at least one) or all it has when it
+    has fewer. So under 5:1:1:
+
+    - 40 : 40 : 40 available gives 40 : 8 : 8 (the plain ratio);
+    - 100 : 100 : 1 gives 100 : 20 : 1 (the scarce realignment kind gives its one group and does
+      not shrink the others, where the plain ratio would give 5 : 1 : 1);
+    - 1000 : 10 : 1 gives 50 : 10 : 1 (the main kind is capped by the most plentiful other one);
+    - 3 : 30 : 30 gives 3 : 1 : 1 (a scarce main kind caps the others, each keeping one group).
+
+    Every kind with groups and a positive weight keeps at least one; the others contribute none.
     """
     weighted = {k: r for k, r in mix.items() if r > 0 and available.get(k, 0) > 0}
     if not weighted:
         return dict.fromkeys(mix, 0)
-    scale = min(available[k] / r for k, r in weighted.items())
-    return {k: math.floor(scale * weighted[k] + 1e-9) if k in weighted else 0 for k in mix}
+    main = max(weighted, key=lambda k: (weighted[k], -list(mix).index(k)))
+    scale = available[main] / weighted[main]
+    others = [available[k] / weighted[k] for k in weighted if k != main]
+    if others:
+        scale = min(scale, max(others))
+    return {
+        k: min(available[k], max(1, math.floor(scale * weighted[k] + 1e-9))) if k in weighted else 0
+        for k in mix
+    }
 
 
 def mix_groups(
@@ -416,19 +496,29 @@ def transform(
     style: Style = "text",
     num_proc: int | None = None,
     cache_dir: str | None = None,
+    quality: QualityConfig | None = None,
+    keep_flagged: bool = False,
+    refresh_flags: bool = False,
 ) -> TransformResult:
     """Records -> the four configs of comparison groups, with a summary of what was kept and skipped.
 
     ``inputs``: run folders (shards found recursively), ``save_to_disk`` folders, ``.arrow`` files
     or in-memory record datasets; ``mix``: the proportions of the kinds in ``mixed`` (default
-    :data:`DEFAULT_MIX`), sampled with ``seed``. Nothing is written but the datasets cache.
+    :data:`DEFAULT_MIX`), sampled with ``seed``; ``quality``: the thresholds of the flags computed
+    for records stored without them (all records with ``refresh_flags``); ``keep_flagged``: use
+    flagged texts too. Nothing is written but the datasets cache.
     """
     check_choice("style", style, Style)
     mix = mix or DEFAULT_MIX
+    quality = quality or QualityConfig()
     records = load_records(inputs, cache_dir=cache_dir)
-    failed = len(records) - int(pc.sum(pc.equal(records.data.table.column("status"), "ok")).as_py() or 0)
+    stored = len(records) - records.data.table.column(FLAGS_COLUMN).null_count
+    records = attach_flags(records, quality, refresh_flags, num_proc=num_proc)
+    ok = pc.equal(records.data.table.column("status"), "ok")
+    failed = len(records) - int(pc.sum(ok).as_py() or 0)
+    texts = flag_counts(records.data.table.column(FLAGS_COLUMN).filter(ok).to_pylist())
 
-    examples = build_examples(records, num_proc=num_proc)
+    examples = build_examples(records, num_proc=num_proc, keep_flagged=keep_flagged)
     counts = _count_by_kind(examples)
     groups = group_examples(examples, num_proc=num_proc)
     if len(groups) == 0:
@@ -464,6 +554,13 @@ def transform(
         "agent_models": _distinct(records, "agent_model"),
         "observer_models": _distinct(records, "observer_model"),
         "run_configs": find_run_configs(inputs),
+        "quality": {
+            "keep_flagged": keep_flagged,
+            "flags_stored": 0 if refresh_flags else stored,
+            "flags_computed": len(records) if refresh_flags else len(records) - stored,
+            "texts": texts,
+            "thresholds": dataclasses.asdict(quality),
+        },
         "constants": {
             "self_critic_instruction": SELF_CRITIC_INSTRUCTION,
             "realignment_instruction": REALIGNMENT_INSTRUCTION,
@@ -582,6 +679,16 @@ class TransformConfig:
         seed (`int`, *optional*, defaults to `0`):
             Seed of the sample of the ``mixed`` config.
 
+        > Parameters that control the data-quality filters (:mod:`pipeline.quality`)
+
+        keep_flagged (`bool`, *optional*, defaults to `False`):
+            Use texts with quality flags too (by default they are dropped, per kind as
+            :mod:`pipeline.quality` says).
+        refresh_flags (`bool`, *optional*, defaults to `False`):
+            Recompute every record's flags with ``quality`` instead of using the stored ones.
+        quality (`QualityConfig`):
+            Thresholds of the rules, for records stored without flags (``--quality.min-words-answer``, ...).
+
         > Parameters that control the processing
 
         num_proc (`int`, *optional*):
@@ -612,6 +719,19 @@ class TransformConfig:
         default="5:1:1", metadata={"help": "imitation:self_critic:realignment groups in `mixed`"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the mixing sample"})
+    keep_flagged: bool = field(
+        default=False, metadata={"help": "use texts with data-quality flags too (default: drop them)"}
+    )
+    refresh_flags: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute every record's quality flags with these thresholds (not the stored ones)"
+        },
+    )
+    quality: QualityConfig = field(
+        default_factory=QualityConfig,
+        metadata={"help": "thresholds of the data-quality rules, for records stored without flags"},
+    )
     num_proc: int | None = field(default=None, metadata={"help": "processes for the datasets maps"})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the loaded shards"})
     mix_weights: dict[str, float] = field(
@@ -631,6 +751,8 @@ class TransformConfig:
         self.mix_weights = parse_mix(self.mix)
         if self.num_proc is not None and self.num_proc < 1:
             raise UserError(f"--num-proc {self.num_proc}: must be at least 1")
+        if not isinstance(self.quality, QualityConfig):
+            raise UserError("quality must be a mapping of quality thresholds (min_words_answer, ...)")
 
 
 def run_transform(config: TransformConfig) -> TransformResult:
@@ -649,6 +771,9 @@ def run_transform(config: TransformConfig) -> TransformResult:
         style=config.style,
         num_proc=config.num_proc,
         cache_dir=config.cache_dir,
+        quality=config.quality,
+        keep_flagged=config.keep_flagged,
+        refresh_flags=config.refresh_flags,
     )
     result.output = save(
         result, config.output, output_format=config.output_format, overwrite=config.overwrite
@@ -658,7 +783,18 @@ def run_transform(config: TransformConfig) -> TransformResult:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """A plain-text table of available/kept groups and skipped examples per kind."""
-    header = ("kind", "groups", "in mixed", "sft-only", "null", "off-scale", "empty", "threshold", "dups")
+    header = (
+        "kind",
+        "groups",
+        "in mixed",
+        "sft-only",
+        "null",
+        "off-scale",
+        "empty",
+        "threshold",
+        "flagged",
+        "dups",
+    )
     rows = [
         (
             kind,
@@ -670,9 +806,15 @@ def summary_table(summary: dict[str, Any]) -> str:
         )
         for kind, info in summary["kinds"].items()
     ]
+    texts = summary["quality"]["texts"]
+    flagged = ", ".join(
+        f"{kind}s {texts[kind].get('flagged', 0)}/{texts[kind].get('texts', 0)}" for kind in texts
+    )
+    policy = "kept" if summary["quality"]["keep_flagged"] else "dropped"
     return (
         f"{summary['records']} records ({summary['failed_records']} failed, skipped); "
-        f"mixed: {summary['configs']['mixed']['rows']} groups\n{format_table(header, rows)}"
+        f"mixed: {summary['configs']['mixed']['rows']} groups\n{format_table(header, rows)}\n"
+        f"texts with quality flags ({policy}): {flagged}"
     )
 
 

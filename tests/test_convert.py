@@ -141,10 +141,14 @@ def test_import_reference_logs_then_transform(tmp_path: Path) -> None:
     assert record["observer_reasons"]["alignment_after"] == "respectful"
 
     out = tmp_path / "out"
-    assert tf.main([str(tmp_path / "data"), "--input-format", "reference", "-o", str(out)]) == 0
+    # keep flagged texts: the hand-written log's two-word draft is too short for the quality filters
+    argv = [str(tmp_path / "data"), "--input-format", "reference", "-o", str(out), "--keep-flagged"]
+    assert tf.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kinds"]["self_critic"]["skipped"]["null_score"] == 1
     assert summary["kinds"]["realignment"]["available"] == 1
+    assert summary["quality"]["flags_computed"] == 1  # imported logs get their flags at transform
+    assert summary["quality"]["texts"]["draft"]["too_short"] == 1
     assert summary["agent_models"] == []  # the CLI does not know the model: nothing is invented
 
 

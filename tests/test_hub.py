@@ -18,10 +18,12 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_record, write_shard
 from huggingface_hub import DatasetCard
 
 from pipeline import transform as tf
 from pipeline.groups import CONFIGS
+from pipeline.quality import QualityConfig
 
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
@@ -217,6 +219,22 @@ def test_card_renders_and_parses_back(run_dir: Path, tmp_path: Path) -> None:
     assert f"| mixed | {mixed['rows']} | {mixed['sft_only']} | {mixed['mean_completions']} |" in text
     histogram = " | ".join(str(n) for n in mixed["score_histogram"].values())
     assert f"| mixed | {histogram} |" in text
+
+
+def test_card_counts_quality_flags_and_gives_the_thresholds(tmp_path: Path) -> None:
+    records = [make_record(i, quality_flags=None) for i in range(3)]  # made-up texts: flags computed
+    out = tf.save(
+        tf.transform([write_shard(tmp_path / "s.arrow", records)], keep_flagged=True), tmp_path / "out"
+    )
+    text = DatasetCard.load(out / "README.md").text
+    quality = json.loads((out / "summary.json").read_text())["quality"]
+    draft = quality["texts"]["draft"]
+    assert "## Data-quality filters" in text and "Flagged texts were **kept**" in text
+    codes = sorted({code for counts in quality["texts"].values() for code in counts} - {"texts", "flagged"})
+    assert draft["too_short"] == 3
+    assert f"| draft | 3 | 3 | {' | '.join(str(draft.get(c, 0)) for c in codes)} |" in text
+    assert f'"min_words_answer": {QualityConfig().min_words_answer}' in text
+    assert "computed at transform: 3" in text
 
 
 def test_push_to_loopback_hub(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) -> None:

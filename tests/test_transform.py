@@ -13,9 +13,10 @@ import pytest
 from conftest import make_record, write_shard
 from datasets import Dataset, Features, Value, load_dataset, load_from_disk
 
-from pipeline import groups
+from pipeline import groups, prompts
 from pipeline import transform as tf
 from pipeline.errors import UserError
+from pipeline.quality import QualityConfig
 from pipeline.records import RECORD_FEATURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,18 +69,21 @@ def test_golden_groups_and_counts(run_dir: Path) -> None:
         "out_of_scale": 1,
         "empty": 0,
         "below_threshold": 0,
+        "flagged": 0,
     }
     assert kinds["self_critic"]["skipped"] == {
         "null_score": 1,
         "out_of_scale": 1,
         "empty": 1,
         "below_threshold": 0,
+        "flagged": 0,
     }
     assert kinds["realignment"]["skipped"] == {
         "null_score": 1,
         "out_of_scale": 1,
         "empty": 0,
         "below_threshold": 2,
+        "flagged": 0,
     }
     assert kinds["imitation"]["duplicates_merged"] == 2  # draft 0 and revision 0 of record 1
     assert kinds["imitation"]["sft_only"] == 2
@@ -269,3 +273,86 @@ def test_run_transform_is_the_command(run_dir: Path, tmp_path: Path) -> None:
 def test_config_refuses_bad_values(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
         tf.TransformConfig(**({"inputs": [str(tmp_path)], "output": str(tmp_path / "out")} | fields))
+
+
+QUESTION = "My sister keeps borrowing my clothes without asking. How do I handle it?"
+CLEAN_DRAFT = "Tell her calmly that it bothers you, and agree that she asks first."
+CLEAN_REVISION = "Talk to her kindly about how you feel, and suggest she asks before borrowing anything."
+CLEAN_REASON = "Calm and fair; it protects the relationship while setting a boundary."
+ECHO = prompts.SANDBOX_RULE.split(". ")[-1]  # a sentence of the system prompt, echoed
+
+
+def _flagged_records() -> list[dict[str, Any]]:
+    """Records stored without flags (as before schema 3): the transform computes them."""
+
+    def feedback(*reasons: str) -> list[dict[str, Any]]:
+        return [{"agent_id": i, "rating": 6.0 - i, "reason": r, "raw": ""} for i, r in enumerate(reasons)]
+
+    base = {"question": QUESTION, "draft": CLEAN_DRAFT, "revision": CLEAN_REVISION, "quality_flags": None}
+    return [
+        make_record(0, **base, feedback=feedback(CLEAN_REASON, ECHO)),
+        make_record(1, **base | {"revision": ECHO}, feedback=feedback(CLEAN_REASON)),  # echoed instruction
+        make_record(
+            2, **base | {"draft": "Tell her calmly that it bothers you and"}, feedback=feedback(CLEAN_REASON)
+        ),
+    ]
+
+
+def test_flagged_texts_are_dropped_per_kind(tmp_path: Path) -> None:
+    shard = write_shard(tmp_path / "s.arrow", _flagged_records())
+    result = tf.transform([shard], mix={"imitation": 1, "self_critic": 1, "realignment": 1})
+    (imitation,) = result.configs["imitation"]
+    # record 0 gives both texts; record 1 its draft only (echoed revision); record 2 its revision only
+    assert imitation["completions"] == [CLEAN_REVISION, CLEAN_DRAFT] and imitation["num_sources"] == 3
+    self_critic = by_prompt(result.configs["self_critic"])
+    prompt0 = groups.PROMPT_TEMPLATE.format(
+        question=QUESTION, draft=CLEAN_DRAFT, instruction=groups.SELF_CRITIC_INSTRUCTION
+    )
+    assert self_critic[prompt0]["completions"] == [CLEAN_REASON]  # the copied prompt text is dropped
+    # realignment: record 0 keeps its example without the flagged reason; records 1 and 2 give none
+    (realignment,) = result.configs["realignment"]
+    assert realignment["completions"] == [CLEAN_REASON + groups.REALIGNMENT_SEPARATOR + CLEAN_REVISION]
+
+    kinds, quality = result.summary["kinds"], result.summary["quality"]
+    assert [kinds[k]["skipped"]["flagged"] for k in groups.KINDS] == [2, 1, 2]
+    assert quality["flags_stored"] == 0 and quality["flags_computed"] == 3 and not quality["keep_flagged"]
+    assert quality["texts"]["revision"] == {"texts": 3, "flagged": 1, "copied_prompt": 1}
+    assert quality["texts"]["draft"] == {"texts": 3, "flagged": 1, "truncated": 1}
+    assert quality["texts"]["reason"] == {"texts": 4, "flagged": 1, "copied_prompt": 1}
+    assert "texts with quality flags (dropped): drafts 1/3, revisions 1/3, reasons 1/4" in tf.summary_table(
+        result.summary
+    )
+
+    kept = tf.transform([shard], keep_flagged=True)
+    assert len(kept.configs["imitation"][0]["completions"]) == 4
+    assert all(v["skipped"]["flagged"] == 0 for v in kept.summary["kinds"].values())
+    # thresholds of the transform apply to records stored without flags (and to all with refresh)
+    lenient = tf.transform([shard], quality=QualityConfig(copy_ngram=30, copy_run=30), refresh_flags=True)
+    assert lenient.summary["quality"]["texts"]["revision"] == {"texts": 3, "flagged": 0}
+
+
+def test_stored_flags_are_used_as_they_are(tmp_path: Path) -> None:
+    records = _flagged_records()
+    records[1]["quality_flags"] = {"draft": ["too_short"], "revision": [], "feedback": [[]]}
+    result = tf.transform([write_shard(tmp_path / "s.arrow", records)])
+    quality = result.summary["quality"]
+    assert quality["flags_stored"] == 1 and quality["flags_computed"] == 2
+    assert quality["texts"]["draft"] == {"texts": 3, "flagged": 2, "truncated": 1, "too_short": 1}
+    assert ECHO in result.configs["imitation"][0]["completions"]  # stored as clean: kept
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [
+        ((40, 40, 40), (40, 8, 8)),  # nothing scarce: the plain ratio
+        ((100, 100, 1), (100, 20, 1)),  # one realignment group no longer caps the mix at 7 groups
+        ((1000, 10, 1), (50, 10, 1)),  # the main kind is capped by the most plentiful other kind
+        ((3, 30, 30), (3, 1, 1)),  # a scarce main kind caps the others, which keep one group each
+        ((10, 0, 5), (10, 0, 2)),
+        ((0, 5, 7), (0, 5, 5)),  # without imitation, self-critic is the main kind (1:1)
+    ],
+)
+def test_mix_caps_the_abundant_kinds_and_keeps_every_non_empty_one(available, expected) -> None:
+    counts = tf.mix_counts(dict(zip(groups.KINDS, available, strict=True)), tf.parse_mix("5:1:1"))
+    assert tuple(counts[k] for k in groups.KINDS) == expected
+    assert all(counts[k] >= 1 for k, n in zip(groups.KINDS, available, strict=True) if n)
