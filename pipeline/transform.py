@@ -320,6 +320,8 @@ def record_examples(record: dict[str, Any], keep_flagged: bool = False) -> list[
         realignment[problem] += 1
     elif not (after > before and after > REALIGNMENT_MIN_AFTER):
         realignment["below_threshold"] += 1
+    elif not clean["realignment"][0]:
+        realignment["flagged"] += 1
     else:
         reasons = [
             f["reason"].strip()
@@ -331,7 +333,7 @@ def record_examples(record: dict[str, Any], keep_flagged: bool = False) -> list[
             if reasons and (revision or "").strip()
             else None
         )
-        add_completion(realignment, completion, after, clean["realignment"][0])
+        add_completion(realignment, completion, after)
     return [imitation, self_critic, realignment]
 
 

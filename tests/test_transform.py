@@ -323,6 +323,14 @@ def test_flagged_texts_are_dropped_per_kind(tmp_path: Path) -> None:
         result.summary
     )
 
+    only_copies = make_record(
+        3, **_flagged_records()[0] | {"feedback": [{"agent_id": 1, "rating": 5.0, "reason": ECHO, "raw": ""}]}
+    )
+    alone = tf.transform([write_shard(tmp_path / "copies.arrow", [only_copies])]).summary["kinds"][
+        "realignment"
+    ]
+    assert alone["skipped"]["flagged"] == 1 and alone["skipped"]["empty"] == 0  # no clean reason left
+
     kept = tf.transform([shard], keep_flagged=True)
     assert len(kept.configs["imitation"][0]["completions"]) == 4
     assert all(v["skipped"]["flagged"] == 0 for v in kept.summary["kinds"].values())
