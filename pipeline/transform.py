@@ -40,6 +40,7 @@ reuses the cache.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -55,7 +56,11 @@ import pyarrow.compute as pc
 import yaml
 from datasets import Dataset, Features, concatenate_datasets, load_dataset, load_from_disk
 from datasets.arrow_writer import ArrowWriter
+from datasets.fingerprint import Hasher
 
+import pipeline.groups
+import pipeline.prompts
+import pipeline.quality
 from pipeline.argparsing import parse
 from pipeline.card import dataset_card
 from pipeline.convert import import_reference_logs
@@ -235,6 +240,15 @@ def _fill_flags(batch: dict[str, list], quality: QualityConfig, refresh: bool) -
     }
 
 
+def _code_fingerprint() -> str:
+    """A hash of the source of the modules that turn records into examples and flags. ``datasets``
+    fingerprints a mapped function by its module and name, not its code: without this, a cached map
+    of an earlier version of these rules would be reused."""
+    modules = (pipeline.quality, pipeline.prompts, pipeline.groups)
+    sources = [Path(module.__file__).read_bytes() for module in modules] + [Path(__file__).read_bytes()]
+    return hashlib.sha256(b"\0".join(sources)).hexdigest()
+
+
 def attach_flags(
     records: Dataset, quality: QualityConfig, refresh: bool = False, num_proc: int | None = None
 ) -> Dataset:
@@ -246,6 +260,7 @@ def attach_flags(
         fn_kwargs={"quality": quality, "refresh": refresh},
         features=records.features,
         num_proc=num_proc,
+        new_fingerprint=Hasher.hash([records._fingerprint, quality, refresh, _code_fingerprint()]),
         desc="Quality flags",
     )
 
@@ -360,6 +375,7 @@ def build_examples(records: Dataset, num_proc: int | None = None, keep_flagged: 
         features=EXAMPLE_FEATURES,
         fn_kwargs={"keep_flagged": keep_flagged},
         num_proc=num_proc,
+        new_fingerprint=Hasher.hash([records._fingerprint, keep_flagged, _code_fingerprint()]),
         desc="Building examples",
     )
 
