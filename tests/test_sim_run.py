@@ -224,7 +224,7 @@ def test_prior_generated_from_personas(tmp_path, server):
     drafts = [
         r["messages"][-1]["content"]
         for r in server.requests
-        if "Answer in a few sentences" in r["messages"][-1]["content"]
+        if "Answers you gave earlier" in r["messages"][-1]["content"]
     ]
     assert any(row["answer"] in draft for row in prior for draft in drafts)  # the agents recall them
     assert all(r["status"] == "ok" for r in records(tmp_path / "out"))
