@@ -303,3 +303,14 @@ def run_dir(tmp_path: Path) -> Path:
         "world:\n  size: 3\nbackend:\n  model: agent-lm\n  api_key: sk-secret\n"
     )
     return folder
+
+
+def run_records(output: Path, features: Features | None = None) -> list[dict[str, Any]]:
+    """A run's records as the README loads them: every shard of every world, one dataset."""
+    from datasets import load_dataset
+
+    files = sorted(str(p) for p in output.glob("world-*/*.arrow"))
+    dataset = load_dataset("arrow", data_files=files, split="train")
+    if features is not None:
+        assert dataset.features == features
+    return sorted(dataset.to_list(), key=lambda r: (r["world_id"], r["round"], r["agent_id"]))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import load_dataset
+from conftest import run_records as records
 
 from pipeline.executors import ExecutorConfig, ray_options, slurm_script
 from pipeline.llm.base import BackendSpec
@@ -87,13 +87,6 @@ def write_config(path: Path, url: str, **fields) -> Path:
     }
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def records(output: Path) -> list[dict]:
-    """The run's records as the README loads them: every shard of every world, one dataset."""
-    files = sorted(str(p) for p in output.glob("world-*/*.arrow"))
-    dataset = load_dataset("arrow", data_files=files, split="train")
-    return sorted(dataset.to_list(), key=lambda r: (r["world_id"], r["round"], r["agent_id"]))
 
 
 def reference(tmp_path: Path, config: Path) -> list[dict]:

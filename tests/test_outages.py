@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_records as records
 from conftest import sandbox_reply
-from datasets import load_dataset
 
 from pipeline.llm.testing import FAULTS, FakeOpenAIServer, FaultSchedule
 from pipeline.simulate import main
@@ -58,13 +58,6 @@ def write_config(path: Path, url: str, transport: str, **fields) -> Path:
     }
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def records(output: Path) -> list[dict]:
-    """The run's records as the README loads them: every shard of every world, one dataset."""
-    files = sorted(str(p) for p in output.glob("world-*/*.arrow"))
-    dataset = load_dataset("arrow", data_files=files, split="train")
-    return sorted(dataset.to_list(), key=lambda r: (r["world_id"], r["round"], r["agent_id"]))
 
 
 @pytest.fixture(scope="module")

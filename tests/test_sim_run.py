@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import load_dataset
+from conftest import run_records
 
 from pipeline.llm.testing import FakeOpenAIServer
 from pipeline.plots import round_summary, write_summary
@@ -23,6 +23,11 @@ from pipeline.simulate import main
 
 SECRET = "sk-test-do-not-store-0123456789"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def records(output: Path, features=RECORD_FEATURES) -> list[dict]:
+    """Every record of a run, checked against the schema it was written with."""
+    return run_records(output, features)
 
 
 def write_config(path: Path, url: str, **fields) -> Path:
@@ -43,14 +48,6 @@ def write_config(path: Path, url: str, **fields) -> Path:
     }
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def records(output: Path, features=RECORD_FEATURES) -> list[dict]:
-    """The run's records as the README loads them: every shard of every world, one dataset."""
-    files = sorted(str(p) for p in output.glob("world-*/*.arrow"))
-    dataset = load_dataset("arrow", data_files=files, split="train")
-    assert dataset.features == features
-    return sorted(dataset.to_list(), key=lambda r: (r["world_id"], r["round"], r["agent_id"]))
 
 
 @pytest.fixture
