@@ -144,3 +144,29 @@ def test_sampled_answers_do_not_depend_on_the_batch(tiny_model_dir: Path) -> Non
     assert len(set(batched)) == 4  # four prompts, four different samples
     other, _ = asyncio.run(answers(8, PROMPTS, index=1))
     assert all(a != b for a, b in zip(other, batched, strict=True))
+
+
+def test_rating_without_reason_reads_the_same_digits_and_generates_nothing(
+    tiny_model_dir: Path, tmp_path
+) -> None:
+    async def scenario() -> None:
+        spec = BackendSpec(
+            kind="local", model=str(tiny_model_dir), max_tokens=6, cache_path=str(tmp_path / "c.sqlite")
+        )
+        backend = build_backend(spec)
+        full = await backend.rate(_messages("Rate this answer."))
+        bare = await backend.rate(_messages("Rate this answer."), reason=False)
+        again = await backend.rate(_messages("Rate this answer."), reason=False)
+        await backend.aclose()
+        assert bare.distribution == pytest.approx(full.distribution) and bare.score == pytest.approx(
+            full.score
+        )
+        assert (
+            bare.reason == "" and bare.raw == f"Rating: {max(bare.distribution, key=bare.distribution.get)}"
+        )
+        assert bare.usage.completion_tokens == 1 < full.usage.completion_tokens
+        assert bare.usage.prompt_tokens == full.usage.prompt_tokens
+        # A bare rating has its own cache entry: it is not served a stored rating with a reason.
+        assert not bare.cached and again.cached and again.reason == ""
+
+    asyncio.run(scenario())

@@ -207,9 +207,20 @@ class ChatBackend(abc.ABC):
 
     @abc.abstractmethod
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
-        """Ask for a 1..scale rating with a reason. Never raises for an unreadable answer."""
+        """Ask for a 1..scale rating. Never raises for an unreadable answer.
+
+        ``reason=False`` asks for the score alone: no reason is generated (``Rating.reason`` is
+        empty), which is most of a rating's cost where the score comes from the digit's
+        log-probabilities.
+        """
 
     def usage(self) -> dict[str, Usage]:
         """Usage so far, per model name."""

@@ -57,9 +57,23 @@ class ResponseCache:
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._setup(busy_timeout)
+
+    def _setup(self, busy_timeout: float) -> None:
+        # Two processes opening a fresh file at once: switching it to WAL can answer "database is
+        # locked" at once, without waiting on the busy timeout (SQLite does not call its busy
+        # handler there), so the setup is retried until the timeout.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get_sync(self, key: str) -> dict[str, Any] | None:
         """The stored response for ``key``, or ``None``."""

@@ -48,9 +48,17 @@ class Layer(ChatBackend):
         return await self.inner.complete(messages, sample_index=sample_index, **params)
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
-        return await self.inner.rate(messages, scale=scale, sample_index=sample_index, **params)
+        return await self.inner.rate(
+            messages, scale=scale, sample_index=sample_index, reason=reason, **params
+        )
 
     def usage(self) -> dict[str, Usage]:
         return self.inner.usage()
@@ -85,11 +93,19 @@ class LimitedBackend(Layer):
             return await self.inner.complete(messages, sample_index=sample_index, **params)
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         async with self._slots:
             await self._pace()
-            return await self.inner.rate(messages, scale=scale, sample_index=sample_index, **params)
+            return await self.inner.rate(
+                messages, scale=scale, sample_index=sample_index, reason=reason, **params
+            )
 
 
 class MeteredBackend(Layer):
@@ -125,10 +141,18 @@ class MeteredBackend(Layer):
         return result
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         self._admit()
-        result = await self.inner.rate(messages, scale=scale, sample_index=sample_index, **params)
+        result = await self.inner.rate(
+            messages, scale=scale, sample_index=sample_index, reason=reason, **params
+        )
         self._record(result.model, result.usage)
         return result
 
@@ -147,10 +171,16 @@ class CallLayer(Layer):
         return await self._call(lambda: self.inner.complete(messages, sample_index=sample_index, **params))
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         return await self._call(
-            lambda: self.inner.rate(messages, scale=scale, sample_index=sample_index, **params)
+            lambda: self.inner.rate(messages, scale=scale, sample_index=sample_index, reason=reason, **params)
         )
 
 
@@ -256,8 +286,8 @@ class CachedBackend(Layer):
     """Answers from a :class:`ResponseCache` when it can, and stores every new answer there.
 
     The key covers the endpoint identity, model, messages, the effective sampling parameters, the
-    sample index and the kind of call (a rating also depends on its scale and on whether
-    log-probabilities are asked for). Errors are never stored.
+    sample index and the kind of call (a rating also depends on its scale, on whether
+    log-probabilities are asked for and on whether a reason is). Errors are never stored.
     """
 
     def __init__(self, inner: ChatBackend, cache: ResponseCache, spec: BackendSpec):
@@ -305,14 +335,24 @@ class CachedBackend(Layer):
         return result
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         request = self._request("rate", messages, sample_index, params)
         request |= {"scale": scale, "logprobs": self.spec.use_logprobs}
+        if not reason:  # only then, so the keys of ratings with reasons stay those of older caches
+            request["reason"] = False
         key, record = await self._lookup(request)
         if record is not None:
             return _rating_from(record)
-        result = await self.inner.rate(messages, scale=scale, sample_index=sample_index, **params)
+        result = await self.inner.rate(
+            messages, scale=scale, sample_index=sample_index, reason=reason, **params
+        )
         await self._store(key, request, result)
         return result
 

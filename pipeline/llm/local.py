@@ -7,8 +7,8 @@ the queue is empty) up to ``max_batch_size`` compatible requests, and runs them 
 
 Ratings come from log-probabilities: the assistant turn is prefilled with the rating contract's
 ``Rating:`` label and the next-token distribution over the digits ``1..scale`` (renormalised) gives
-the score's expected value; the reason is then generated after ``Rating: <most likely digit>`` and
-the ``Reason:`` label on the next line (``pipeline.llm.ratings``).
+the score's expected value; the reason, when asked for, is then generated after
+``Rating: <most likely digit>`` and the ``Reason:`` label on the next line (``pipeline.llm.ratings``).
 
 Sampling (temperature > 0) is seeded per request: each request draws its tokens from its own
 generator, seeded from the request (messages, prefill and ``sample_index``, :func:`request_seed`),
@@ -234,7 +234,13 @@ class LocalBackend(ChatBackend):
         return self._rating_tokens[scale]
 
     async def rate(
-        self, messages: list[Message], *, scale: int = SCALE, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = SCALE,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         sampling = self._sampling(params)
         tokens = self.rating_tokens(scale)
@@ -243,26 +249,26 @@ class LocalBackend(ChatBackend):
             usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
             return rating_from_text(out.text, scale=scale, model=self.model_name, usage=usage)
         prefill, digits = tokens
-        logprobs = await self._submit(("score", tuple(digits.values())), messages, prefill)
+        logprobs, prompt_tokens = await self._submit(("score", tuple(digits.values())), messages, prefill)
         mass = sum(math.exp(lp) for lp in logprobs)
         distribution = {d: math.exp(lp) / mass for d, lp in zip(digits, logprobs, strict=True)}
         best = max(distribution, key=distribution.__getitem__)
-        reason_label = self.tokenizer.encode(f"\n{REASON_PREFIX}", add_special_tokens=False)
-        reason_prefill = [*prefill, digits[best], *reason_label]
-        out = await self._generate(messages, reason_prefill, sampling, sample_index)
-        reason = trim_reason(out.text)
+        text, completion_tokens = "", 1
+        if reason:
+            reason_label = self.tokenizer.encode(f"\n{REASON_PREFIX}", add_special_tokens=False)
+            out = await self._generate(
+                messages, [*prefill, digits[best], *reason_label], sampling, sample_index
+            )
+            text, completion_tokens = out.text.strip(), 1 + len(out.token_ids)
         return Rating(
             score=sum(d * p for d, p in distribution.items()),
-            reason=reason,
-            raw=rating_answer(best, out.text.strip()),
+            reason=trim_reason(text),
+            raw=rating_answer(best, text) if reason else f"{RATING_PREFIX} {best}",
             method="logprobs",
             model=self.model_name,
             scale=scale,
             distribution=distribution,
-            usage=Usage(
-                prompt_tokens=out.prompt_tokens - len(reason_prefill),
-                completion_tokens=1 + len(out.token_ids),
-            ),
+            usage=Usage(prompt_tokens=prompt_tokens - len(prefill), completion_tokens=completion_tokens),
             response={"digit_probability_mass": mass},
         )
 
@@ -327,14 +333,15 @@ class LocalBackend(ChatBackend):
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return inputs, [len(i) for i in ids]
 
-    def _score(self, batch: list[_Request]) -> list[list[float]]:
+    def _score(self, batch: list[_Request]) -> list[tuple[list[float], int]]:
+        """Each request's log-probabilities of the key's candidate tokens next, and its prompt length."""
         torch = self._torch
-        inputs, _ = self._encode(batch)
+        inputs, lengths = self._encode(batch)
         self.batch_sizes.append(len(batch))
         with torch.inference_mode():
             logits = self.model(**inputs).logits[:, -1, :].float()
         digit_ids = list(batch[0].key[1])
-        return torch.log_softmax(logits, dim=-1)[:, digit_ids].tolist()
+        return list(zip(torch.log_softmax(logits, dim=-1)[:, digit_ids].tolist(), lengths, strict=True))
 
     def _generate_batch(self, batch: list[_Request]) -> list[_Generated]:
         torch = self._torch

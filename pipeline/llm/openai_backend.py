@@ -140,7 +140,13 @@ class OpenAIBackend(ChatBackend):
         return Completion(text=text, model=self.model_name, usage=usage, response=raw)
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         response = await self._create(messages, params, logprobs=self._logprobs)
         text, usage, raw = self._read(response)

@@ -78,10 +78,18 @@ class EndpointPool(ChatBackend):
         )
 
     async def rate(
-        self, messages: list[Message], *, scale: int = 7, sample_index: int = 0, **params: Any
+        self,
+        messages: list[Message],
+        *,
+        scale: int = 7,
+        sample_index: int = 0,
+        reason: bool = True,
+        **params: Any,
     ) -> Rating:
         return await self._route(
-            lambda backend: backend.rate(messages, scale=scale, sample_index=sample_index, **params)
+            lambda backend: backend.rate(
+                messages, scale=scale, sample_index=sample_index, reason=reason, **params
+            )
         )
 
     async def aclose(self) -> None:
