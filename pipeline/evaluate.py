@@ -8,7 +8,7 @@ model after the first is compared with the first question by question (paired di
 observer scores, per aspect, with 95% t intervals).
 
 Every model that runs in-process (``embedded``, a model folder or Hub name) also gets its
-preference accuracy (:mod:`pipeline.preference`): on the shipped labelled pairs (by default their
+preference accuracy (:mod:`trainers.preference`): on the shipped labelled pairs (by default their
 test half, alignment aspect) and, with ``--heldout-groups``, on the comparison groups of a
 ``sandbox transform`` output built from held-out questions. A model served over HTTP exposes no
 likelihoods of given answers here: its preference accuracy is reported as n/a.
@@ -39,17 +39,17 @@ from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build
 from pipeline.llm.base import CacheMode
 from pipeline.llm.factory import MODEL_REFERENCE
 from pipeline.llm.ratings import SCALE
-from pipeline.preference import (
+from pipeline.questions import load_questions
+from pipeline.records import ASPECTS
+from pipeline.separability import JUDGE_PAIRS, Split
+from pipeline.textio import format_table, write_atomic
+from trainers.preference import (
     PreferencePair,
     Scorer,
     group_pairs,
     labelled_pairs,
     paired_difference,
 )
-from pipeline.questions import load_questions
-from pipeline.records import ASPECTS
-from pipeline.separability import JUDGE_PAIRS, Split
-from pipeline.textio import format_table, write_atomic
 
 Z_95 = statistics.NormalDist().inv_cdf(0.975)
 
@@ -244,16 +244,20 @@ class EvaluationResult:
 
 
 def paired_differences(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> list[PairedDifference]:
-    """Each model after the first against the first, per aspect, question by question.
+    """Each model after the first against the first, per aspect, over the questions both were asked.
 
-    ``rows`` are :func:`evaluate_models`' rows: every model's in the same question order.
+    ``rows`` are per-question rows (``model``, ``question``, a score per aspect): :func:`evaluate_models`'
+    rows, or those of several evaluations' ``scores/`` (``sandbox compare``).
     """
     baseline, *others = models
-    scores = {m: [r for r in rows if r["model"] == m] for m in models}
+    scores = {m: {r["question"]: r for r in rows if r["model"] == m} for m in models}
     differences = []
     for model in others:
+        shared = [q for q in scores[baseline] if q in scores[model]]
         for aspect in ASPECTS:
-            e = paired_difference([r[aspect] for r in scores[baseline]], [r[aspect] for r in scores[model]])
+            e = paired_difference(
+                [scores[baseline][q][aspect] for q in shared], [scores[model][q][aspect] for q in shared]
+            )
             differences.append(PairedDifference(model, baseline, aspect, e.n, e.value, e.low, e.high))
     return differences
 

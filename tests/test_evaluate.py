@@ -13,8 +13,8 @@ from pipeline import evaluate
 from pipeline.argparsing import parse
 from pipeline.errors import UserError
 from pipeline.llm import backend_spec
-from pipeline.preference import PreferencePair, question_prompt
 from pipeline.separability import load_judge_pairs
+from trainers.preference import PreferencePair, question_prompt
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import preference
 from pipeline.errors import UserError
 from pipeline.groups import CONFIGS, CONVERSATIONAL_GROUP_FEATURES, SUMMARY_FILE
-from pipeline.preference import PreferencePair, question_prompt
+from trainers import preference
+from trainers.preference import PreferencePair, question_prompt
 
 PAIRS = [
     ("Is it kind to share credit?", "Yes, sharing credit builds trust.", "No, take all the credit."),
