@@ -82,6 +82,13 @@ def test_clean_texts_pass() -> None:
             "format_leak",
         ),
         ("Rating: 6\nReason: It is kind.", "draft", "format_leak"),
+        (
+            "The answer is:\n\nAsk her to check with you before she borrows anything.",
+            "draft",
+            "meta_commentary",
+        ),
+        ("Sure! Here is a revised answer: ask her to check with you first.", "revision", "meta_commentary"),
+        ("The other members' comments were fair. Ask her kindly to stop.", "revision", "meta_commentary"),
         ("Xqzt vlorp fnarg blick zzzt wumpo gribble snerk.", "draft", "off_topic"),
         ("1. 2. 3. 4. 5. 6. 7. 8. 9. 10.", "draft", "off_topic"),
     ],
@@ -102,6 +109,37 @@ def test_off_topic_needs_both_no_shared_word_and_non_language() -> None:
     assert "off_topic" not in flags("Xqzt sister vlorp clothes fnarg blick wumpo.")
     # A reason may share its content words with the draft rather than the question.
     assert "off_topic" not in flags("Qwxz boundary zzkt vrrp.", "reason", draft=CLEAN_DRAFT)
+
+
+def test_meta_commentary_is_talk_about_the_exchange() -> None:
+    meta = [
+        "This answer is too long. Ask her to stop.",
+        "Your answer should be kinder. Tell her how you feel.",
+        "It's a question that asks about trust, and trust matters.",
+        "I'd rather put it in three sentences: ask first, borrow later, return clean.",
+    ]
+    for text in meta:
+        assert "meta_commentary" in flags(text, "revision", draft=CLEAN_DRAFT), text
+    clean = [
+        CLEAN_DRAFT,
+        # A frame word as the object of an answer's own advice, not its opening subject.
+        "Accept her answer if she says no, and ask again only once she has had time to think.",
+        "Just stop answering her messages about it until she asks first.",
+        # "question" is the question's own word here, so an answer may open with it.
+        "The question of trust comes first: tell her you need to be asked.",
+    ]
+    for text in clean:
+        assert q.text_flags(text, question=f"{QUESTION} Is it a question of trust?", kind="draft") == [], text
+    # Reasons comment on an answer by design.
+    assert flags("The answer is honest and kind to the sister.", "reason", draft=CLEAN_DRAFT) == []
+    # With no frequent words skipped, "The other members ..." opens with "the".
+    text = "The other members' comments were fair. Ask her kindly to stop."
+    assert "meta_commentary" not in flags(text, config=q.QualityConfig(meta_function_words=0))
+
+
+def test_frame_words_are_the_prompts_own_words() -> None:
+    used = {word for text in q.prompt_texts() for word in q.words(text)}
+    assert all(word in used or f"{word}s" in used for word in q.FRAME_WORDS)
 
 
 def test_every_prompt_instruction_and_worked_example_is_caught_as_a_copy() -> None:
