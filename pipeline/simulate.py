@@ -109,7 +109,16 @@ EXECUTION_FIELDS = frozenset(
     }
 )
 # Of a backend, only these shape the answers (the URL, limits, cache and budget do not).
-BACKEND_IDENTITY_FIELDS = ("kind", "model", "temperature", "top_p", "max_tokens", "use_logprobs", "extra")
+BACKEND_IDENTITY_FIELDS = (
+    "kind",
+    "model",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "use_logprobs",
+    "dtype",
+    "extra",
+)
 
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
 CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
@@ -328,7 +337,11 @@ class SimulationConfig:
         data = {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
         for role in ("agent", "observer"):
             if data[role] is not None:
-                data[role] = {k: data[role][k] for k in BACKEND_IDENTITY_FIELDS}
+                spec = data[role]
+                # dtype joined the identity later: left at "auto" it is omitted, so older runs resume.
+                data[role] = {
+                    k: spec[k] for k in BACKEND_IDENTITY_FIELDS if k != "dtype" or spec[k] != "auto"
+                }
         return data
 
 

@@ -17,6 +17,7 @@ RatingMethod = Literal["logprobs", "parsed", "failed"]
 CacheMode = Literal["read-write", "replay-only", "off"]
 BackendKind = Literal["embedded", "local", "openai"]
 Transport = Literal["aiohttp", "httpx"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class BackendSpec:
     - sampling: ``temperature``, ``top_p``, ``max_tokens``, ``use_logprobs``
     - limits: ``timeout``, ``max_retries``, ``max_concurrency``, ``requests_per_minute``,
       ``pool_max_failures``, ``pool_cooldown``, ``token_budget``, ``call_budget``
-    - in-process batching: ``max_batch_size``, ``batch_wait_ms``
+    - in-process: ``max_batch_size``, ``batch_wait_ms``, ``dtype``
     - response cache: ``cache_path``, ``cache_mode``
 
     ``kind`` left unset means ``openai`` when ``base_urls`` are given (a URL alone names an
@@ -154,6 +155,14 @@ class BackendSpec:
     )
     max_batch_size: int = field(
         default=16, metadata={"help": "in-process backends: most requests run as one batch"}
+    )
+    dtype: Dtype = field(
+        default="auto",
+        metadata={
+            "help": "in-process backends: the weights' dtype; auto: float32 on CPU, the model's own on GPU. "
+            "bfloat16 generates about twice as fast on CPUs with bf16 instructions (avx512_bf16) but moves "
+            "rating digits' probabilities: keep judges in float32"
+        },
     )
     batch_wait_ms: float = field(
         default=5.0, metadata={"help": "in-process backends: how long a batch waits for more requests"}

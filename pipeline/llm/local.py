@@ -167,7 +167,13 @@ class LocalBackend(ChatBackend):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float32 if device == "cpu" else "auto"
+        dtype = (
+            getattr(torch, spec.dtype)
+            if spec.dtype != "auto"
+            else torch.float32
+            if device == "cpu"
+            else "auto"
+        )
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         name = identity or f"local:{self.model_name}@{weights_fingerprint(model_path)}"
         self.identity = f"{name}|{str(self.model.dtype).removeprefix('torch.')}|{SAMPLER}"
