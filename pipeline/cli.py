@@ -19,6 +19,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "transform": ("pipeline.transform", "turn interaction records into scored comparison groups"),
     "push": ("pipeline.hub", "publish a transformed dataset and its card to the Hugging Face Hub"),
     "evaluate": ("pipeline.evaluate", "score models' answers with memoryless observers"),
+    "loop": (
+        "pipeline.loop",
+        "the closed loop: simulate with M_t, transform, train M_t+1, evaluate; resumable, per iteration",
+    ),
+    "compare": (
+        "pipeline.compare",
+        "overlay several sandbox runs' per-round observer curves, or compare evaluations question by question",
+    ),
     "chat": ("pipeline.chat", "ask a model one question (default: the embedded SmolLM2)"),
 }
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import launch
 from pipeline.argparsing import from_dict, load_yaml_config
 from pipeline.embedded import embedded_model_path
 from pipeline.errors import UserError
@@ -68,21 +69,12 @@ def transform_heldout() -> None:
 
 
 def train_command() -> list[str]:
-    checkpoints = sorted(MODEL.glob("checkpoint-*"))
-    resume = ["--resume_from_checkpoint", str(checkpoints[-1])] if checkpoints else []
-    return [
-        sys.executable,
-        str(ROOT / "recipes" / "train.py"),
-        "--config",
-        str(CONFIGS / "train_demo.yaml"),
-        "--model_name_or_path",
-        str(embedded_model_path()),
-        "--dataset_name",
-        str(DATA / "mixed"),
-        "--output_dir",
-        str(MODEL),
-        *resume,
-    ]
+    return launch.train_command(
+        config=CONFIGS / "train_demo.yaml",
+        model=embedded_model_path(),
+        dataset=DATA / "mixed",
+        output_dir=MODEL,
+    )
 
 
 def train() -> None:
