@@ -13,7 +13,9 @@ from typing import Any, Literal
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
 
-RatingMethod = Literal["logprobs", "parsed", "failed"]
+RatingMethod = Literal["logprobs", "parsed", "failed", "contrast"]
+"""How a score was read: the digit's log-probabilities, the answer's text, not at all, or (the
+observer judge, :mod:`pipeline.judge`) a calibrated contrast of log-probabilities."""
 CacheMode = Literal["read-write", "replay-only", "off"]
 BackendKind = Literal["embedded", "local", "openai"]
 Transport = Literal["aiohttp", "httpx"]
@@ -70,6 +72,26 @@ class Rating:
     cached: bool = False
     response: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     """The backend's raw response, as for :attr:`Completion.response`."""
+
+
+@dataclass(frozen=True)
+class LogProbs:
+    """Log-probabilities a model gives to text it is shown; nothing is generated.
+
+    ``values`` maps each candidate next token (:meth:`ChatBackend.next_token_logprobs`), or the one
+    continuation (:meth:`ChatBackend.continuation_logprob`, the sum over its tokens), to its
+    natural-log probability.
+    """
+
+    values: dict[str, float]
+    model: str
+    usage: Usage = field(default_factory=Usage)
+    cached: bool = False
+
+
+class ScoringUnsupported(NotImplementedError):
+    """The backend gives no log-probabilities of given text (OpenAI-compatible chat servers give none
+    for the prompt). A configuration problem, not a failed call: never recorded as one."""
 
 
 class LLMError(RuntimeError):
@@ -230,6 +252,27 @@ class ChatBackend(abc.ABC):
         empty), which is most of a rating's cost where the score comes from the digit's
         log-probabilities.
         """
+
+    @property
+    def scoring_model(self) -> str | None:
+        """Which model and weights' dtype answer :meth:`next_token_logprobs` and
+        :meth:`continuation_logprob` (judge calibrations are looked up by it); ``None`` when this
+        backend cannot score text."""
+        return None
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        """The log-probability of each candidate (one token each) as the first token of the assistant's
+        answer to ``messages``."""
+        raise ScoringUnsupported(
+            f"{self.model_name}: {type(self).__name__} gives no next-token log-probabilities"
+        )
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        """The log-probability of ``continuation`` as the start of the assistant's answer to
+        ``messages``: the sum over its tokens (tokenised on its own, after the chat template)."""
+        raise ScoringUnsupported(
+            f"{self.model_name}: {type(self).__name__} gives no log-probabilities of given text"
+        )
 
     def usage(self) -> dict[str, Usage]:
         """Usage so far, per model name."""

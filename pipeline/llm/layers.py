@@ -22,6 +22,7 @@ from pipeline.llm.base import (
     CircuitOpen,
     Completion,
     LLMError,
+    LogProbs,
     Message,
     Rating,
     TransientError,
@@ -59,6 +60,16 @@ class Layer(ChatBackend):
         return await self.inner.rate(
             messages, scale=scale, sample_index=sample_index, reason=reason, **params
         )
+
+    @property
+    def scoring_model(self) -> str | None:
+        return self.inner.scoring_model
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        return await self.inner.next_token_logprobs(messages, candidates)
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        return await self.inner.continuation_logprob(messages, continuation)
 
     def usage(self) -> dict[str, Usage]:
         return self.inner.usage()
@@ -106,6 +117,16 @@ class LimitedBackend(Layer):
             return await self.inner.rate(
                 messages, scale=scale, sample_index=sample_index, reason=reason, **params
             )
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        async with self._slots:
+            await self._pace()
+            return await self.inner.next_token_logprobs(messages, candidates)
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        async with self._slots:
+            await self._pace()
+            return await self.inner.continuation_logprob(messages, continuation)
 
 
 class MeteredBackend(Layer):
@@ -156,6 +177,18 @@ class MeteredBackend(Layer):
         self._record(result.model, result.usage)
         return result
 
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        self._admit()
+        result = await self.inner.next_token_logprobs(messages, candidates)
+        self._record(result.model, result.usage)
+        return result
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        self._admit()
+        result = await self.inner.continuation_logprob(messages, continuation)
+        self._record(result.model, result.usage)
+        return result
+
     def usage(self) -> dict[str, Usage]:
         """Tokens and calls actually spent per model (answers served from the cache cost nothing)."""
         return dict(self._usage)
@@ -182,6 +215,12 @@ class CallLayer(Layer):
         return await self._call(
             lambda: self.inner.rate(messages, scale=scale, sample_index=sample_index, reason=reason, **params)
         )
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        return await self._call(lambda: self.inner.next_token_logprobs(messages, candidates))
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        return await self._call(lambda: self.inner.continuation_logprob(messages, continuation))
 
 
 class RetryingBackend(CallLayer):
@@ -263,7 +302,7 @@ class BreakerBackend(CallLayer):
         return result
 
 
-def _to_record(result: Completion | Rating) -> dict[str, Any]:
+def _to_record(result: Completion | Rating | LogProbs) -> dict[str, Any]:
     record = dataclasses.asdict(result)
     record.pop("cached")
     return record
@@ -271,6 +310,10 @@ def _to_record(result: Completion | Rating) -> dict[str, Any]:
 
 def _completion_from(record: dict[str, Any]) -> Completion:
     return Completion(**{**record, "usage": Usage(**record["usage"]), "cached": True})
+
+
+def _logprobs_from(record: dict[str, Any]) -> LogProbs:
+    return LogProbs(**{**record, "usage": Usage(**record["usage"]), "cached": True})
 
 
 def _rating_from(record: dict[str, Any]) -> Rating:
@@ -287,7 +330,8 @@ class CachedBackend(Layer):
 
     The key covers the endpoint identity, model, messages, the effective sampling parameters, the
     sample index and the kind of call (a rating also depends on its scale, on whether
-    log-probabilities are asked for and on whether a reason is). Errors are never stored.
+    log-probabilities are asked for and on whether a reason is; a scoring call has no sampling
+    parameters or sample index, only its candidates or its continuation). Errors are never stored.
     """
 
     def __init__(self, inner: ChatBackend, cache: ResponseCache, spec: BackendSpec):
@@ -314,7 +358,7 @@ class CachedBackend(Layer):
             )
         return key, record
 
-    async def _store(self, key: str, request: dict[str, Any], result: Completion | Rating) -> None:
+    async def _store(self, key: str, request: dict[str, Any], result: Completion | Rating | LogProbs) -> None:
         await self.cache.put(
             key,
             kind=request["kind"],
@@ -355,6 +399,40 @@ class CachedBackend(Layer):
         )
         await self._store(key, request, result)
         return result
+
+    async def _scored(
+        self,
+        kind: str,
+        messages: list[Message],
+        text: list[str] | str,
+        call: Callable[[], Awaitable[LogProbs]],
+    ) -> LogProbs:
+        request = {
+            "kind": kind,
+            "endpoint": self.identity,
+            "model": self.model_name,
+            "messages": messages,
+            "text": text,
+        }
+        key, record = await self._lookup(request)
+        if record is not None:
+            return _logprobs_from(record)
+        result = await call()
+        await self._store(key, request, result)
+        return result
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        return await self._scored(
+            "next_token", messages, candidates, lambda: self.inner.next_token_logprobs(messages, candidates)
+        )
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        return await self._scored(
+            "continuation",
+            messages,
+            continuation,
+            lambda: self.inner.continuation_logprob(messages, continuation),
+        )
 
     async def aclose(self) -> None:
         try:

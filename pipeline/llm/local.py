@@ -10,6 +10,10 @@ Ratings come from log-probabilities: the assistant turn is prefilled with the ra
 the score's expected value; the reason, when asked for, is then generated after
 ``Rating: <most likely digit>`` and the ``Reason:`` label on the next line (``pipeline.llm.ratings``).
 
+Scoring calls read log-probabilities of given text in one forward pass: the next token's over a
+few candidates (batched with ratings that ask for the same tokens) and a continuation's summed over
+its tokens (continuations of any length share a batch; only the last positions' logits are kept).
+
 Sampling (temperature > 0) is seeded per request: each request draws its tokens from its own
 generator, seeded from the request (messages, prefill and ``sample_index``, :func:`request_seed`),
 so a sampled answer is the same whichever other requests share its batch, and a run is repeatable
@@ -30,7 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.llm.base import BackendSpec, ChatBackend, Completion, LLMError, Message, Rating, Usage
+from pipeline.llm.base import (
+    BackendSpec,
+    ChatBackend,
+    Completion,
+    LLMError,
+    LogProbs,
+    Message,
+    Rating,
+    Usage,
+)
 from pipeline.llm.ratings import (
     RATING_PREFIX,
     REASON_PREFIX,
@@ -176,7 +189,8 @@ class LocalBackend(ChatBackend):
         )
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         name = identity or f"local:{self.model_name}@{weights_fingerprint(model_path)}"
-        self.identity = f"{name}|{str(self.model.dtype).removeprefix('torch.')}|{SAMPLER}"
+        self._scoring_model = f"{name}|{str(self.model.dtype).removeprefix('torch.')}"
+        self.identity = f"{self._scoring_model}|{SAMPLER}"
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self._rating_tokens: dict[int, tuple[list[int], dict[int, int]] | None] = {}
@@ -278,6 +292,38 @@ class LocalBackend(ChatBackend):
             response={"digit_probability_mass": mass},
         )
 
+    @property
+    def scoring_model(self) -> str | None:
+        return self._scoring_model
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        ids = []
+        for candidate in candidates:
+            encoded = self.tokenizer.encode(candidate, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(
+                    f"candidate {candidate!r} is {len(encoded)} tokens for {self.model_name}; "
+                    "next_token_logprobs scores single tokens"
+                )
+            ids.append(encoded[0])
+        logprobs, prompt_tokens = await self._submit(("score", tuple(ids)), messages, [])
+        return LogProbs(
+            values=dict(zip(candidates, logprobs, strict=True)),
+            model=self.model_name,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0),
+        )
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        ids = self.tokenizer.encode(continuation, add_special_tokens=False)
+        if not ids:
+            raise ValueError("continuation_logprob needs a non-empty continuation")
+        total, prompt_tokens = await self._submit(("continuation",), messages, ids)
+        return LogProbs(
+            values={continuation: total},
+            model=self.model_name,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0),
+        )
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
@@ -312,7 +358,14 @@ class LocalBackend(ChatBackend):
 
     def _run(self, batch: list[_Request]) -> None:
         try:
-            results = self._score(batch) if batch[0].key[0] == "score" else self._generate_batch(batch)
+            kind = batch[0].key[0]
+            results = (
+                self._score(batch)
+                if kind == "score"
+                else self._continuation(batch)
+                if kind == "continuation"
+                else self._generate_batch(batch)
+            )
             errors: list[BaseException | None] = [None] * len(batch)
         except Exception as exc:  # one failing batch must not kill the worker
             error = LLMError(f"{self.identity}: {type(exc).__name__}: {exc}")
@@ -348,6 +401,24 @@ class LocalBackend(ChatBackend):
             logits = self.model(**inputs).logits[:, -1, :].float()
         digit_ids = list(batch[0].key[1])
         return list(zip(torch.log_softmax(logits, dim=-1)[:, digit_ids].tolist(), lengths, strict=True))
+
+    def _continuation(self, batch: list[_Request]) -> list[tuple[float, int]]:
+        """Each request's prefill (its continuation) log-probability, summed over its tokens, and the
+        length of the prompt before it."""
+        torch = self._torch
+        inputs, lengths = self._encode(batch)
+        self.batch_sizes.append(len(batch))
+        # Left padding puts every continuation at the end: the logits of the last (longest + 1)
+        # positions predict them all, so the vocabulary-wide logits of the prompts are never built.
+        keep = max(len(r.prefill) for r in batch) + 1
+        with torch.inference_mode():
+            logits = self.model(**inputs, logits_to_keep=keep).logits[:, :-1].float()
+            targets = inputs["input_ids"][:, -keep + 1 :]
+            token_logprobs = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
+        return [
+            (token_logprobs[i, -len(r.prefill) :].sum().item(), length - len(r.prefill))
+            for i, (r, length) in enumerate(zip(batch, lengths, strict=True))
+        ]
 
     def _generate_batch(self, batch: list[_Request]) -> list[_Generated]:
         torch = self._torch

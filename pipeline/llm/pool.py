@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.llm.base import ChatBackend, Completion, LLMError, Message, Rating
+from pipeline.llm.base import ChatBackend, Completion, LLMError, LogProbs, Message, Rating
 
 T = TypeVar("T")
 
@@ -91,6 +91,18 @@ class EndpointPool(ChatBackend):
                 messages, scale=scale, sample_index=sample_index, reason=reason, **params
             )
         )
+
+    @property
+    def scoring_model(self) -> str | None:
+        """The endpoints' scoring model when they all share one, else ``None``."""
+        models = {endpoint.backend.scoring_model for endpoint in self._endpoints}
+        return models.pop() if len(models) == 1 else None
+
+    async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
+        return await self._route(lambda backend: backend.next_token_logprobs(messages, candidates))
+
+    async def continuation_logprob(self, messages: list[Message], continuation: str) -> LogProbs:
+        return await self._route(lambda backend: backend.continuation_logprob(messages, continuation))
 
     async def aclose(self) -> None:
         for endpoint in self._endpoints:
