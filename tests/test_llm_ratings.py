@@ -17,6 +17,8 @@ from pipeline.llm.ratings import (
     rating_answer,
     rating_from_text,
     rating_request,
+    rating_schema,
+    read_rating_json,
 )
 
 
@@ -95,3 +97,30 @@ def test_rating_request_form_and_its_answers_read_back() -> None:
     rambling = rating_answer(3, "Blunt.") + "\n" + text.split("\n\n")[1]
     assert parse_reason(rambling) == "Blunt."
     assert parse_score(rambling, SCALE) == (3.0, None)
+
+
+def test_rating_schema_puts_the_rating_first_and_the_reason_only_when_asked() -> None:
+    schema = rating_schema(5)
+    assert list(schema["properties"]) == ["rating", "reason"]
+    assert schema["properties"]["rating"] == {"type": "integer", "minimum": 1, "maximum": 5}
+    assert schema["required"] == ["rating", "reason"] and schema["additionalProperties"] is False
+    bare = rating_schema(7, reason=False)
+    assert list(bare["properties"]) == ["rating"] and bare["required"] == ["rating"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{ "rating": 4, "reason": "Honest and kind." }', (4.0, "Honest and kind.")),
+        ('{"rating": 5}', (5.0, None)),
+        ('{ "rating": 6, "reason": "Kind, \\"fair\\" and hon', (6.0, 'Kind, "fair" and hon')),  # cut short
+        ('{ "rating": 9, "reason": "x" }', (7.0, "x")),  # clamped to the scale
+        ('{ "rating": 0 }', (1.0, None)),
+        ('{ "rating": "high", "reason": "x" }', (None, "x")),
+        ('{ "rating": true }', (None, None)),
+        ("Rating: 5\nReason: kind.", (None, None)),  # not JSON: left to the text parser
+        ('["rating", 5]', (None, None)),
+    ],
+)
+def test_read_rating_json(text: str, expected: tuple[float | None, str | None]) -> None:
+    assert read_rating_json(text, scale=7) == expected

@@ -13,8 +13,9 @@ key or a model the server does not serve into a :class:`BackendLoadError` before
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import openai
@@ -37,6 +38,8 @@ from pipeline.llm.ratings import (
     find_rating_position,
     parse_reason,
     rating_from_text,
+    rating_schema,
+    read_rating_json,
 )
 
 PLACEHOLDER_API_KEY = "EMPTY"
@@ -45,6 +48,12 @@ PLACEHOLDER_API_KEY = "EMPTY"
 TOP_LOGPROBS = 20  # the most OpenAI allows; vLLM's default cap is 20 as well
 _BEARER: Any = {"security": {"bearer_auth": True}}
 """Request options of a chat call: the API key as a bearer token, as ``chat.completions.create`` sends it."""
+BARE_RATING_MAX_TOKENS = 16
+"""Token limit of a rating without reason: room for ``{"rating": 5}`` (about 10 tokens) or ``Rating: 5``."""
+RatingForm = Literal["json_schema", "json_object", "plain"]
+_NEXT_FORM: dict[RatingForm, RatingForm] = {"json_schema": "json_object", "json_object": "plain"}
+_FORM_REJECTED = (400, 422, 500)
+"""How servers refuse a ``response_format`` they do not take (llama-cpp-python: a 500 validation error)."""
 PREFLIGHT_TIMEOUT = 10.0
 """Seconds the preflight waits for an endpoint (at most; less when ``spec.timeout`` is lower)."""
 
@@ -73,12 +82,34 @@ def transport_client(spec: BackendSpec) -> Any:
     return openai.DefaultAsyncHttpxClient(limits=limits)
 
 
+def rating_response_format(form: RatingForm, schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``response_format`` asking for a rating answer shaped by ``schema`` in ``form``.
+
+    ``json_schema`` is OpenAI's form (vLLM, llama.cpp's ``llama-server``, OpenAI); ``json_object``
+    with a ``schema`` is llama-cpp-python's; ``plain`` asks for free text (``None``: no field).
+    """
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "rating", "strict": True, "schema": schema}}
+    if form == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return None
+
+
+class _FormRejected(Exception):
+    """The server refused a rating's ``response_format`` (a 400, 422 or 500 answer)."""
+
+
 class OpenAIBackend(ChatBackend):
     """One OpenAI-compatible endpoint (``base_url``) serving ``spec.model``.
 
-    Ratings ask for ``logprobs``; servers that ignore the request (``transformers serve``) or
-    reject it with a 400/422 are then rated from the answer's text, and the endpoint is no longer
-    asked for log-probabilities.
+    Ratings ask for a structured answer (:func:`~pipeline.llm.ratings.rating_schema`, the rating
+    first) with ``logprobs``, and read the score from the rating digit's log-probabilities,
+    renormalised over ``1..scale``; without them from the answer's JSON, then from its text; else
+    the score stays ``None``. The endpoint's ``response_format`` is found on its first ratings:
+    OpenAI's ``json_schema`` form, else llama-cpp-python's ``json_object`` with a schema, else none
+    (a server that refuses both with a 400, 422 or 500); the first form answered is kept, like the
+    log-probabilities: servers that ignore them (``transformers serve``) or reject them with a
+    400/422 are then rated from the answer's text and no longer asked for them.
     """
 
     def __init__(self, spec: BackendSpec, base_url: str, *, http_client: Any = None):
@@ -88,6 +119,8 @@ class OpenAIBackend(ChatBackend):
         self.model_name = spec.model
         self.identity = base_url
         self._logprobs = spec.use_logprobs
+        self._form: RatingForm = "json_schema"
+        self._form_answered: RatingForm | None = None
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=os.environ.get(spec.api_key_env) or PLACEHOLDER_API_KEY,
@@ -97,9 +130,17 @@ class OpenAIBackend(ChatBackend):
         )
 
     async def _create(
-        self, messages: list[Message], params: dict[str, Any], logprobs: bool
+        self,
+        messages: list[Message],
+        params: dict[str, Any],
+        logprobs: bool,
+        response_format: dict[str, Any] | None = None,
+        probing: bool = False,
     ) -> ChatCompletion:
-        extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        """One chat request; ``probing``: a refusal of ``response_format`` raises :class:`_FormRejected`."""
+        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        if response_format is not None:
+            extra["response_format"] = response_format
         body = {"model": self.model_name, "messages": messages, **self.spec.sampling(**params), **extra}
         try:
             # The client's documented low-level call: its retries, timeouts, auth and transport, without
@@ -109,9 +150,11 @@ class OpenAIBackend(ChatBackend):
                 "/chat/completions", cast_to=ChatCompletion, body=body, options=_BEARER
             )
         except openai.APIStatusError as exc:
+            if probing and exc.status_code in _FORM_REJECTED:
+                raise _FormRejected from exc
             if logprobs and exc.status_code in (400, 422):
                 self._logprobs = False
-                return await self._create(messages, params, logprobs=False)
+                return await self._create(messages, params, False, response_format)
             raise LLMError(f"{self.identity}: {exc.message}") from exc
         except openai.APIError as exc:
             raise LLMError(f"{self.identity}: {type(exc).__name__}: {exc}") from exc
@@ -148,23 +191,50 @@ class OpenAIBackend(ChatBackend):
         reason: bool = True,
         **params: Any,
     ) -> Rating:
-        response = await self._create(messages, params, logprobs=self._logprobs)
+        if not reason:
+            params["max_tokens"] = min(params.get("max_tokens", self.spec.max_tokens), BARE_RATING_MAX_TOKENS)
+        response = await self._rating_response(messages, params, rating_schema(scale, reason=reason))
         text, usage, raw = self._read(response)
         distribution = self._distribution(response, scale)
         if distribution is None:
             self._logprobs = self._logprobs and _has_logprobs(response)
-            return rating_from_text(text, scale=scale, model=self.model_name, usage=usage, response=raw)
+        json_score, json_reason = read_rating_json(text, scale)
+        said = "" if not reason else json_reason if json_reason is not None else parse_reason(text)
+        if distribution is None and json_score is None:
+            rating = rating_from_text(text, scale=scale, model=self.model_name, usage=usage, response=raw)
+            return dataclasses.replace(rating, reason=said)
         return Rating(
-            score=expected_score(distribution),
-            reason=parse_reason(text),
+            score=expected_score(distribution) if distribution else json_score,
+            reason=said,
             raw=text,
-            method="logprobs",
+            method="logprobs" if distribution else "parsed",
             model=self.model_name,
             scale=scale,
             distribution=distribution,
             usage=usage,
             response=raw,
         )
+
+    async def _rating_response(
+        self, messages: list[Message], params: dict[str, Any], schema: dict[str, Any]
+    ) -> ChatCompletion:
+        """A rating's response in the endpoint's form, found on its first ratings (see the class)."""
+        while True:
+            form = self._form
+            try:
+                response = await self._create(
+                    messages,
+                    params,
+                    logprobs=self._logprobs,
+                    response_format=rating_response_format(form, schema),
+                    probing=form not in ("plain", self._form_answered),
+                )
+            except _FormRejected:
+                if self._form == form:  # not already moved on by a concurrent rating
+                    self._form = _NEXT_FORM[form]
+                continue
+            self._form_answered = form
+            return response
 
     @staticmethod
     def _distribution(response: ChatCompletion, scale: int) -> dict[int, float] | None:

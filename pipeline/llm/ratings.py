@@ -12,10 +12,14 @@ The score is read from the rating digit's log-probabilities where a backend has 
 parsing the text. Models drift from the form ("5/7", "**5**", "I'd give it a 6 out of 7"), so
 parsing is tolerant; when nothing can be read the score is ``None`` with the raw text and an error
 kept, never a stand-in number.
+
+Servers with structured output are asked for the same answer as JSON (:func:`rating_schema`,
+read back by :func:`read_rating_json`); its rating digit's log-probabilities are read as above.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -178,3 +182,60 @@ def find_rating_position(tokens: Iterable[str], scale: int) -> int | None:
             if label.endswith(":"):  # the ``Rating:`` label, or any other label before the digit
                 return i
     return first
+
+
+RATING_KEY = "rating"
+REASON_KEY = "reason"
+
+
+def rating_schema(scale: int = SCALE, *, reason: bool = True) -> dict[str, Any]:
+    """The JSON schema of a structured rating answer: ``{"rating": 1..scale, "reason": "..."}``.
+
+    The rating comes first so its digit is written (and its log-probabilities read) before any
+    reason; ``reason=False`` asks for the rating alone.
+    """
+    properties: dict[str, Any] = {RATING_KEY: {"type": "integer", "minimum": 1, "maximum": scale}}
+    if reason:
+        properties[REASON_KEY] = {"type": "string"}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+_JSON_RATING = re.compile(rf'"{RATING_KEY}"\s*:\s*(-?\d+(?:\.\d+)?)')
+_JSON_REASON = re.compile(rf'"{REASON_KEY}"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def read_rating_json(text: str, scale: int = SCALE) -> tuple[float | None, str | None]:
+    """``(score, reason)`` of a structured rating answer (:func:`rating_schema`), each ``None`` when absent.
+
+    A JSON object is read as such; an answer cut short by the token limit (``{"rating": 4, "reason":
+    "Honest and``) still yields its rating and the reason so far. A rating outside ``1..scale`` is
+    clamped, as :func:`parse_score` does; one that is not a number is no rating.
+    """
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict):
+        rating, reason = answer.get(RATING_KEY), answer.get(REASON_KEY)
+    else:
+        rating_match, reason_match = _JSON_RATING.search(text), _JSON_REASON.search(text)
+        rating = float(rating_match.group(1)) if rating_match else None
+        reason = _unescape(reason_match.group(1)) if reason_match else None
+    if isinstance(rating, bool) or not isinstance(rating, int | float) or not math.isfinite(rating):
+        score = None
+    else:
+        score = float(min(max(rating, 1), scale))
+    return score, reason.strip() if isinstance(reason, str) else None
+
+
+def _unescape(fragment: str) -> str:
+    """A JSON string's body without its escapes (kept as written when cut inside one)."""
+    try:
+        return json.loads(f'"{fragment}"')
+    except ValueError:
+        return fragment

@@ -116,7 +116,9 @@ class FakeOpenAIServer:
     """An OpenAI-compatible chat server on 127.0.0.1, used as a context manager.
 
     ``reply(body) -> str`` chooses the answer text from the request's JSON body (default: a fixed
-    ``Rating: 5`` answer). ``requests`` lists the JSON bodies received and ``headers`` their HTTP
+    ``Rating: 5`` answer); ``respond(body) -> (status, json)`` instead gives the whole answer, status
+    and JSON body as they are (a recorded exchange of a real server, replayed), or ``None`` to answer
+    as usual. ``requests`` lists the JSON bodies received and ``headers`` their HTTP
     headers (names in lower case); ``max_in_flight`` is the peak number of requests handled at once.
     """
 
@@ -125,6 +127,7 @@ class FakeOpenAIServer:
         *,
         delay: float = 0.0,
         reply: Callable[[dict], str] | None = None,
+        respond: Callable[[dict], tuple[int, Any] | None] | None = None,
         fault: str | None = None,
         schedule: FaultSchedule | None = None,
         api_key: str | None = None,
@@ -135,6 +138,7 @@ class FakeOpenAIServer:
             raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
         self.delay = delay
         self.reply = reply or (lambda body: DEFAULT_REPLY)
+        self.respond = respond
         self.fault = fault
         self.schedule = schedule
         self.api_key = api_key
@@ -217,6 +221,9 @@ class FakeOpenAIServer:
             return Response(b"", media_type="application/json")
         if fault == "non-json":
             return Response(b"<html>this is not JSON</html>", media_type="application/json")
+        answer = self.respond(body) if self.respond is not None and fault is None else None
+        if answer is not None:
+            return JSONResponse(answer[1], answer[0])
         text = NONSENSE_REPLY if fault == "nonsense" else self.reply(body)
         tokens = _tokens(text)
         prompt_tokens = sum(len(_tokens(str(m.get("content", "")))) + 4 for m in body.get("messages", []))
