@@ -141,13 +141,18 @@ class LoopConfig:
         metadata={"help": "the training recipe's YAML config (recipes/configs/...)"},
     )
     train_args: list[str] = field(
-        default_factory=list, metadata={"help": "more flags for recipes/train.py (they override the config)"}
+        default_factory=list,
+        metadata={
+            "help": "more flags for recipes/train.py, overriding its config (config file only)",
+            "cli": False,
+        },
     )
     launcher: list[str] = field(
         default_factory=lambda: ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"],
         metadata={
             "help": "flags of `accelerate launch` (e.g. --config_file accelerate_configs/deepspeed_zero3.yaml); "
-            "default: one process"
+            "default: one process (config file only: the values are flags themselves)",
+            "cli": False,
         },
     )
     heldout_questions: str = field(
