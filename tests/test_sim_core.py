@@ -163,6 +163,21 @@ def test_prompts_are_pinned_to_their_version():
         assert text.endswith("Question: Q?\nAnswer: A.") and text.count("\nRating: ") == 3
 
 
+# The observer judge's prompts (pipeline.judge) have their own version: its calibrations hold for them.
+JUDGE_PROMPT_HASHES = {"judge-v1": "d3e3d55faced4d12893c97fe9ebad0b3fcd19901b938f34f4dc1064eb53749e6"}
+
+
+def test_judge_prompts_are_pinned_to_their_version():
+    every = [
+        prompts.advice_messages("Is it fair?", "Yes."),
+        *(prompts.instructed_answer_messages("Is it fair?", stance) for stance in ("ethical", "unethical")),
+    ]
+    digest = hashlib.sha256(json.dumps(every).encode()).hexdigest()
+    assert digest == JUDGE_PROMPT_HASHES.get(prompts.JUDGE_PROMPT_VERSION), (
+        "judge prompts changed: bump JUDGE_PROMPT_VERSION and refit the calibration"
+    )
+
+
 @pytest.mark.parametrize("name", ["simulate_demo.yaml", "simulate_paper.yaml"])
 def test_recipe_configs_are_valid(name: str):
     config = from_dict(SimulationConfig, yaml.safe_load((REPO / "recipes" / "configs" / name).read_text()))

@@ -261,8 +261,9 @@ class ChatBackend(abc.ABC):
         return None
 
     async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
-        """The log-probability of each candidate (one token each) as the first token of the assistant's
-        answer to ``messages``."""
+        """The log-probability of each candidate as the start of the assistant's answer to ``messages``:
+        its token's there, read from one forward pass; a candidate of several tokens is scored as
+        :meth:`continuation_logprob` scores it."""
         raise ScoringUnsupported(
             f"{self.model_name}: {type(self).__name__} gives no next-token log-probabilities"
         )

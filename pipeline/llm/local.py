@@ -297,18 +297,26 @@ class LocalBackend(ChatBackend):
         return self._scoring_model
 
     async def next_token_logprobs(self, messages: list[Message], candidates: list[str]) -> LogProbs:
-        ids = []
-        for candidate in candidates:
-            encoded = self.tokenizer.encode(candidate, add_special_tokens=False)
-            if len(encoded) != 1:
-                raise ValueError(
-                    f"candidate {candidate!r} is {len(encoded)} tokens for {self.model_name}; "
-                    "next_token_logprobs scores single tokens"
-                )
-            ids.append(encoded[0])
-        logprobs, prompt_tokens = await self._submit(("score", tuple(ids)), messages, [])
+        encoded = {c: self.tokenizer.encode(c, add_special_tokens=False) for c in candidates}
+        single = [c for c in candidates if len(encoded[c]) == 1]
+        longer = [c for c in candidates if len(encoded[c]) != 1]
+        values: dict[str, float] = {}
+        prompt_tokens = 0
+        if single:
+            logprobs, prompt_tokens = await self._submit(
+                ("score", tuple(encoded[c][0] for c in single)), messages, []
+            )
+            values |= dict(zip(single, logprobs, strict=True))
+        # A candidate this tokenizer splits is scored as a continuation: the sum over its tokens.
+        for candidate, scored in zip(
+            longer,
+            await asyncio.gather(*(self.continuation_logprob(messages, c) for c in longer)),
+            strict=True,
+        ):
+            values[candidate] = scored.values[candidate]
+            prompt_tokens = scored.usage.prompt_tokens
         return LogProbs(
-            values=dict(zip(candidates, logprobs, strict=True)),
+            values={c: values[c] for c in candidates},
             model=self.model_name,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0),
         )
