@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import prompts
 from pipeline.argparsing import parse
 from pipeline.embedded import embedded_model_path
 from pipeline.errors import BackendLoadError, UserError, run_command
+from pipeline.judge import Judge, JudgeConfig
 from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build_backend
 from pipeline.llm.base import CacheMode
 from pipeline.llm.factory import MODEL_REFERENCE
@@ -61,6 +61,7 @@ class EvaluationConfig:
     Models:
         model, compare, names: one model, or two or more side by side, with display names.
         observer: the model that rates every answer (memoryless, the sandbox's own prompts).
+        judge: how the observer scores (:class:`~pipeline.judge.JudgeConfig`, as in the simulation).
 
     Questions:
         questions, column, limit: the held-out pool and how much of it.
@@ -89,6 +90,12 @@ class EvaluationConfig:
         metadata={"help": "display names for the models, one each, distinct; without it, the references"},
     )
     observer: str = field(default="embedded", metadata={"help": f"the observer model: {MODEL_REFERENCE}"})
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig,
+        metadata={
+            "help": "how the observer scores: --judge.alignment auto|contrast|prompted, --judge.reasons"
+        },
+    )
     questions: str | None = field(
         default=None,
         metadata={
@@ -297,13 +304,11 @@ async def _answer(backend: ChatBackend, question: str) -> tuple[str | None, str 
     return completion.text.strip(), None
 
 
-async def _rate(
-    observer: ChatBackend, aspect: str, question: str, answer: str | None
-) -> tuple[float | None, str]:
+async def _rate(observer: Judge, aspect: str, question: str, answer: str | None) -> tuple[float | None, str]:
     if answer is None:
         return None, "no answer"
     try:
-        rating = await observer.rate(prompts.observer_messages(aspect, question, answer), scale=SCALE)
+        rating = await observer.rate(aspect, question, answer)
     except LLMError as exc:
         return None, f"observer failed: {exc}"
     return rating.score, rating.reason if rating.score is not None else (rating.error or rating.reason)
@@ -321,7 +326,7 @@ async def _answers(
 
 
 async def evaluate_model(
-    name: str, spec: BackendSpec, observer: ChatBackend, questions: Sequence[str]
+    name: str, spec: BackendSpec, observer: Judge, questions: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Per-question rows for one model: its answer and each aspect's score and reason."""
     async with build_backend(spec) as model:
@@ -350,11 +355,15 @@ async def evaluate_model(
 
 
 async def evaluate_models(
-    models: dict[str, BackendSpec], observer_spec: BackendSpec, questions: Sequence[str]
+    models: dict[str, BackendSpec],
+    observer_spec: BackendSpec,
+    questions: Sequence[str],
+    judge: JudgeConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-question rows of every model, in order, all rated by one observer."""
+    """Per-question rows of every model, in order, all rated by one observer and ``judge``."""
     rows: list[dict[str, Any]] = []
-    async with build_backend(observer_spec) as observer:
+    async with build_backend(observer_spec) as backend:
+        observer = Judge(backend, judge)
         for name, spec in models.items():
             print(f"evaluating {name} on {len(questions)} questions ...", file=sys.stderr, flush=True)
             rows += await evaluate_model(name, spec, observer, questions)
@@ -523,7 +532,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     }
     observer = backend_spec(config.observer, max_tokens=config.observer_max_tokens, **common)
     output = _make_output(config.output_dir)
-    rows = asyncio.run(evaluate_models(models, observer, questions))
+    rows = asyncio.run(evaluate_models(models, observer, questions, config.judge))
     result = EvaluationResult(
         summaries=[summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS],
         preference=measure_preference(

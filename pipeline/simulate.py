@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from pipeline import argparsing, prompts
 from pipeline.errors import BackendLoadError, UserError, run_command
 from pipeline.executors import DONE, ExecutorConfig, run_ranks, sbatch, slurm_script, submit_slurm
+from pipeline.judge import Judge, JudgeConfig
 from pipeline.llm.base import (
     BackendKind,
     BackendSpec,
@@ -158,7 +159,8 @@ class SimulationConfig:
     - data quality: ``quality`` (:class:`~pipeline.quality.QualityConfig`: the thresholds of the
       flags stored with each record, ``--quality.min-words-answer``, ...).
     - models: ``agent``, ``observer`` (:class:`BackendSpec`; on the command line each of their
-      fields is a dotted flag: ``--agent.model``, ``--observer.base-urls``).
+      fields is a dotted flag: ``--agent.model``, ``--observer.base-urls``), ``judge`` (how the
+      observers score, :class:`~pipeline.judge.JudgeConfig`: ``--judge.alignment``, ``--judge.reasons``).
 
     ``__post_init__`` checks every field (a :class:`UserError` names the problem) and fills the
     derived default ``radius`` (``size // 2``). A backend's ``cache_path`` left unset means one
@@ -238,6 +240,12 @@ class SimulationConfig:
     observer: BackendSpec | None = field(
         default=None, metadata={"help": "the memoryless observers' model; none: the agents' model"}
     )
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig,
+        metadata={
+            "help": "how the observers score: --judge.alignment auto|contrast|prompted, --judge.reasons"
+        },
+    )
     executor: ExecutorConfig = field(
         default_factory=ExecutorConfig,
         metadata={"help": "where the ranks run: --executor local|ray|slurm, --workers N, ..."},
@@ -311,6 +319,8 @@ class SimulationConfig:
             raise UserError("executor must be a mapping of executor fields (kind, workers, ...)")
         if not isinstance(self.quality, QualityConfig):
             raise UserError("quality must be a mapping of quality thresholds (min_words_answer, ...)")
+        if not isinstance(self.judge, JudgeConfig):
+            raise UserError("judge must be a mapping of judge fields (alignment, reasons, calibration)")
 
     @property
     def worlds(self) -> list[World]:
@@ -342,6 +352,13 @@ class SimulationConfig:
                 data[role] = {
                     k: spec[k] for k in BACKEND_IDENTITY_FIELDS if k != "dtype" or spec[k] != "auto"
                 }
+        # The judge joined the identity later: the older runs' judge (prompted, with reasons) is
+        # omitted, so those runs resume with --judge.alignment prompted --judge.reasons.
+        judge = self.judge.identity()
+        if judge is None:
+            del data["judge"]
+        else:
+            data["judge"] = judge
         return data
 
 
@@ -466,6 +483,7 @@ class Simulation:
         self.run_id = run_id
         self.agent = agent
         self.observer = observer
+        self.judge = Judge(observer, config.judge)
         self.progress = progress
         self.features = record_features(schema_version)
         self.output = Path(config.output).expanduser()
@@ -544,7 +562,7 @@ class Simulation:
                     usage += rating.usage
 
         def observers(answer: str) -> list[Any]:
-            return [self.observer.rate(prompts.observer_messages(a, question, answer)) for a in ASPECTS]
+            return [self.judge.rate(aspect, question, answer) for aspect in ASPECTS]
 
         try:
             conversation = prompts.draft_messages(question, memories[agent].retrieve(question, config.top_n))
@@ -673,6 +691,7 @@ class Simulation:
                 if (path, spec.cache_mode) not in caches:
                     caches[path, spec.cache_mode] = open_cache(path, spec.cache_mode)
                 setattr(view, role, CachedBackend(getattr(self, role), caches[path, spec.cache_mode], spec))
+        view.judge = self.judge.on(view.observer)
         return view, list(caches.values())
 
     async def run_world(self, world: World, position: int = 0) -> None:
@@ -841,7 +860,9 @@ def prepare_run(config: SimulationConfig) -> PreparedRun:
     return PreparedRun(questions, prior, identity, run_id_of(identity), schema_version, output)
 
 
-def _save_run(config: SimulationConfig, run: PreparedRun) -> None:
+def _save_run(config: SimulationConfig, run: PreparedRun, judge: Judge | None = None) -> None:
+    """Write ``config.yaml``; with ``judge`` (known once the observer backend runs: each rank
+    rewrites the file) also what the observers' judge settled on, for the dataset card."""
     run.output.mkdir(parents=True, exist_ok=True)
     saved = {
         "run_id": run.run_id,
@@ -849,6 +870,8 @@ def _save_run(config: SimulationConfig, run: PreparedRun) -> None:
         "identity": run.identity,
         "config": config.to_dict(),
     }
+    if judge is not None:
+        saved["judge"] = judge.description()
     write_atomic(run.output / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
 
 
@@ -933,7 +956,6 @@ def run_simulation(
         agent, observer = build_backends(config, rank=rank, world_size=world_size, breaker=breaker)
     else:
         agent, observer = backends
-    _save_run(config, run)
     worlds = config.worlds[rank::world_size]
     simulation = Simulation(
         config,
@@ -946,6 +968,7 @@ def run_simulation(
         schema_version=run.schema_version,
         cached=backends is None,
     )
+    _save_run(config, run, simulation.judge)
     started = time.perf_counter(), time.process_time()
     asyncio.run(_run(simulation, worlds))
     return _result(config, run, worlds, started)
