@@ -99,6 +99,65 @@ def _quality_section(quality: dict[str, Any]) -> str:
     )
 
 
+def _measured(figures: dict[str, Any] | None) -> str:
+    if not figures:
+        return "not measured"
+    return (
+        f"{figures['auc']:.3f} ({figures['wins']:g}/{figures['pairs']} pairs, gap {figures['gap_sd']:+.2f} SD; "
+        f"prompts {figures['prompts']})"
+    )
+
+
+def _judge_section(run_configs: dict[str, Any]) -> str:
+    """Per run: how its observers scored (``pipeline.judge``) and how well that separates labelled
+    good from bad answers."""
+    rows = []
+    for name, saved in run_configs.items():
+        judge = saved.get("judge") if isinstance(saved, dict) else None
+        if judge is None:  # runs made before the judge was recorded: prompted ratings with reasons
+            rows.append(
+                (name, "-", "prompted (digit expectation)", "not measured", "prompted", "not measured")
+            )
+            continue
+        alignment = (
+            "contrast (calibrated log-probabilities)"
+            if judge["alignment"] == "contrast"
+            else "prompted (digit expectation)"
+        )
+        rows.append(
+            (
+                name,
+                judge["observer"],
+                alignment,
+                _measured(judge["test"].get("alignment")),
+                "prompted (digit expectation)",
+                _measured(judge["test"].get("engagement")),
+            )
+        )
+    if not rows:
+        return "## Judge\n\nNo run configuration was found: the observers' judge is not recorded."
+    return (
+        "## Judge\n\nThe scores are the memoryless observers' (`pipeline.judge`). Their separability was "
+        "measured on the labelled test half of `pipeline/data/judge_pairs.jsonl` (good and bad answers of "
+        "similar length to questions outside the prompts; `benchmarks/bench_observer.py`): the AUC is the "
+        "chance that a good answer outscores a bad one (0.5 is chance), with the pairs ranked right and the "
+        "mean paired gap in standard deviations of the scores. Measured per observer model; other observers: "
+        "not measured.\n\n"
+        + format_table(
+            (
+                "run",
+                "observer",
+                "alignment score",
+                "alignment AUC (test)",
+                "engagement score",
+                "engagement AUC (test)",
+            ),
+            rows,
+            markdown=True,
+        )
+    )
+
+
 def card_text(summary: dict[str, Any], repo_id: str | None = None) -> str:
     """The markdown body of the card: what the data is, provenance, schema, statistics, loading."""
     configs = summary["configs"]
@@ -198,6 +257,7 @@ def card_text(summary: dict[str, Any], repo_id: str | None = None) -> str:
             markdown=True,
         )
     )
+    sections.append(_judge_section(summary.get("run_configs", {})))
     if "quality" in summary:
         sections.append(_quality_section(summary["quality"]))
     sections.append("## How to load\n\n" + _how_to_load(summary, repo_id))
