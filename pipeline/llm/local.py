@@ -55,7 +55,7 @@ from pipeline.llm.ratings import (
 
 _SAMPLING_KEYS = frozenset({"temperature", "top_p", "max_tokens"})
 
-SAMPLER = "seeded-v1"
+SAMPLER = "seeded-v2"
 """How sampled tokens are drawn (:class:`_SeededSampler`); part of the cache identity."""
 
 
@@ -97,14 +97,21 @@ def request_seed(messages: list[Message], prefill: list[int], sample_index: int)
     return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "big")
 
 
+NUCLEUS_CANDIDATES = 256
+"""Nucleus sampling looks for the nucleus among this many most likely tokens first: sorting the whole
+vocabulary (49k tokens for SmolLM2) cost about as much per step as the 135M model's forward pass."""
+
+
 class _SeededSampler:
     """A logits processor that draws each row's next token with that row's own generator.
 
     It returns scores that are ``-inf`` everywhere but at the drawn token, so greedy decoding
     (``do_sample=False``) emits the draw. The draw is temperature scaling, nucleus (top-p)
     filtering and one uniform number per row and step from the row's generator (inverse CDF over
-    the probabilities sorted by a stable sort): a row's tokens depend only on its own seed and
-    logits, never on the other rows of the batch.
+    the probabilities in descending order): a row's tokens depend only on its own seed and logits,
+    never on the other rows of the batch. The nucleus is found among the
+    :data:`NUCLEUS_CANDIDATES` most likely tokens, or the whole sorted vocabulary when they hold
+    less than ``top_p``; without top-p filtering the CDF runs over the vocabulary in its own order.
     """
 
     def __init__(self, generators: list[Any], temperature: float, top_p: float):
@@ -112,13 +119,23 @@ class _SeededSampler:
         self.temperature = temperature
         self.top_p = top_p
 
+    def _candidates(self, probs: Any) -> tuple[Any, Any]:
+        """Probabilities in the order the CDF runs over, and their token ids."""
+        import torch
+
+        if self.top_p >= 1.0:
+            order = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+            return probs, order
+        ordered, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+        if bool((ordered.sum(-1) < self.top_p).any()):
+            ordered, order = probs.sort(dim=-1, descending=True, stable=True)
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always).
+        return ordered.masked_fill(ordered.cumsum(-1) - ordered >= self.top_p, 0.0), order
+
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        ordered, order = probs.sort(dim=-1, descending=True, stable=True)
-        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always).
-        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= self.top_p, 0.0)
+        ordered, order = self._candidates(torch.softmax(scores.float() / self.temperature, dim=-1))
         cumulative = ordered.cumsum(-1)
         uniform = torch.stack([torch.rand((), generator=g, device=g.device) for g in self.generators]).to(
             cumulative.device
