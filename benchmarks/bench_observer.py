@@ -1,71 +1,268 @@
-"""How well an observer model ranks good above bad answers, with the sandbox's own rating prompts.
+"""How well an observer model separates good from bad answers, per judge method, and what a rating costs.
 
-    .venv/bin/python benchmarks/bench_observer.py [--observer embedded | MODEL_DIR | MODEL@URL]
+    .venv/bin/python benchmarks/bench_observer.py [--observer embedded | MODEL_DIR | MODEL@URL] [--fit]
+        [--threads 1] [--timing-items 4] [--cache FILE]
 
-Rates every answer of the shipped prior (``pipeline/data/default_prior.jsonl``: one good and one bad
-answer per question) with ``prompts.observer_messages`` (alignment and engagement) and
-``prompts.neighbour_rating_messages`` (no memories), and prints per prompt the mean score of good
-and bad answers and in how many pairs the good answer scored higher. Use it to judge whether an
-observer model is strong enough to give the simulation a signal.
+Scores the labelled pairs (``pipeline/data/judge_pairs.jsonl``: dev and test halves) and the shipped
+prior's good/bad pairs with each method of :mod:`pipeline.judge`:
+
+- ``prompted+reason``: the observer rating prompt, digit expectation, a reason generated (the old default);
+- ``prompted``: the same without the reason;
+- ``F1``: the calibrated advice Yes/No log-odds alone; ``F2``: F1's reading averaged with the
+  ethical/unethical likelihood contrast (the ``contrast`` method);
+- ``engagement prompted``: the engagement rating prompt without a reason (engagement pairs).
+
+and prints AUC, paired wins, the gap in standard deviations and the length checks
+(:mod:`pipeline.separability`), then seconds per rating, one at a time (``--threads`` torch threads).
+
+``--fit`` fits the contrast calibration of the observer model on the dev half (alignment pairs) and
+writes it, with every method's figures, to the calibration file (``--calibration``; the shipped
+``pipeline/data/judge_calibration.json`` by default). Without it, F1 and F2 use the stored calibration.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import hashlib
 import json
-import statistics
 import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import prompts
-from pipeline.llm import backend_spec, build_backend
+from pipeline.judge import (
+    JUDGE_CALIBRATION,
+    MEASURED_CONTRAST,
+    MEASURED_ENGAGEMENT,
+    MEASURED_PROMPTED,
+    NO,
+    YES,
+    Calibration,
+    ContrastReadings,
+    Judge,
+    JudgeConfig,
+    contrast_readings,
+    fit_calibration,
+    load_calibrations,
+    save_calibration,
+)
+from pipeline.llm import ChatBackend, backend_spec, build_backend
+from pipeline.llm.layers import CachedBackend
 from pipeline.questions import DEFAULT_PRIOR
-from pipeline.records import ASPECTS
+from pipeline.separability import JUDGE_PAIRS, JudgePair, Separability, load_judge_pairs, separability
+from pipeline.textio import format_table
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("dev", "test", "prior")
 
 
-def pairs() -> list[tuple[str, str, str]]:
-    """(question, good answer, bad answer) for every question of the prior with both labels."""
+def prior_pairs() -> list[JudgePair]:
+    """The shipped prior's questions with both a good and a bad answer, as alignment pairs."""
     by_question: dict[str, dict[str, str]] = {}
     for line in DEFAULT_PRIOR.read_text().splitlines():
         row = json.loads(line)
         by_question.setdefault(row["question"], {})[row["label"]] = row["answer"]
-    return [(q, a["good"], a["bad"]) for q, a in by_question.items() if {"good", "bad"} <= a.keys()]
+    return [
+        JudgePair(q, a["good"], a["bad"], "alignment", "prior")  # type: ignore[arg-type]
+        for q, a in by_question.items()
+        if {"good", "bad"} <= a.keys()
+    ]
 
 
-async def measure(observer: str) -> None:
-    rows = pairs()
-    prompt_builders = {
-        **{
-            f"observer {aspect}": (lambda q, a, aspect=aspect: prompts.observer_messages(aspect, q, a))
-            for aspect in ASPECTS
-        },
-        "neighbour": lambda q, a: prompts.neighbour_rating_messages(q, a, []),
+def answers(pairs: Sequence[JudgePair]) -> list[tuple[str, str]]:
+    """(question, answer) for every answer: each pair's good answer, then its bad one."""
+    return [(p.question, a) for p in pairs for a in (p.good, p.bad)]
+
+
+def measure(pairs: Sequence[JudgePair], scores: Sequence[float | None]) -> Separability:
+    return separability(scores[0::2], scores[1::2], [p.good for p in pairs], [p.bad for p in pairs])
+
+
+async def prompted_scores(
+    backend: ChatBackend, aspect: str, pairs: Sequence[JudgePair], reasons: bool
+) -> list[float | None]:
+    judge = Judge(backend, JudgeConfig(alignment="prompted", reasons=reasons))
+    ratings = await asyncio.gather(*(judge.rate(aspect, q, a) for q, a in answers(pairs)))
+    return [r.score for r in ratings]
+
+
+async def readings(backend: ChatBackend, pairs: Sequence[JudgePair]) -> list[ContrastReadings]:
+    return list(await asyncio.gather(*(contrast_readings(backend, q, a) for q, a in answers(pairs))))
+
+
+def fit(split_readings: Sequence[ContrastReadings], pairs_file: Path, pairs: int) -> Calibration:
+    good, bad = split_readings[0::2], split_readings[1::2]
+    try:
+        shown = str(pairs_file.resolve().relative_to(REPO))
+    except ValueError:
+        shown = pairs_file.name
+    return fit_calibration(
+        [(r.follow, r.ethics) for r in good],
+        [(r.follow, r.ethics) for r in bad],
+        pairs=shown,
+        sha256=hashlib.sha256(pairs_file.read_bytes()).hexdigest()[:16],
+        aspect="alignment",
+        split="dev",
+        pair_count=pairs,
+    )
+
+
+async def seconds_per_call(calls: Sequence[Callable[[], Awaitable[object]]]) -> float:
+    """Mean wall seconds of ``calls`` made one after another, after one warm-up call."""
+    await calls[0]()
+    start = time.perf_counter()
+    for call in calls:
+        await call()
+    return (time.perf_counter() - start) / len(calls)
+
+
+async def timings(
+    backend: ChatBackend, calibration: Calibration | None, items: list[tuple[str, str]]
+) -> dict:
+    judges = {
+        "prompted+reason": Judge(backend, JudgeConfig(alignment="prompted", reasons=True)),
+        MEASURED_PROMPTED: Judge(backend, JudgeConfig(alignment="prompted")),
     }
-    async with build_backend(backend_spec(observer, max_tokens=1, cache_mode="off")) as backend:
-        for name, build in prompt_builders.items():
-            ratings = await asyncio.gather(
-                *(backend.rate(build(q, answer)) for q, good, bad in rows for answer in (good, bad))
-            )
-            good, bad = ratings[0::2], ratings[1::2]
-            scored = [
-                (g.score, b.score) for g, b in zip(good, bad, strict=True) if None not in (g.score, b.score)
-            ]
-            wins = sum(g > b for g, b in scored)
-            print(
-                f"{name:22s} good {statistics.fmean(g for g, _ in scored):.2f}  "
-                f"bad {statistics.fmean(b for _, b in scored):.2f}  "
-                f"good ranked higher in {wins}/{len(rows)} pairs ({len(rows) - len(scored)} unreadable)",
-                flush=True,
-            )
+    methods: dict[str, Callable[[str, str], Awaitable[object]]] = {
+        name: (lambda q, a, judge=judge: judge.rate("alignment", q, a)) for name, judge in judges.items()
+    }
+    if calibration is not None:
+        methods["F1"] = lambda q, a: backend.next_token_logprobs(prompts.advice_messages(q, a), [*YES, *NO])
+        methods[MEASURED_CONTRAST] = lambda q, a: contrast_readings(backend, q, a)
+    return {
+        name: await seconds_per_call([lambda q=q, a=a, m=method: m(q, a) for q, a in items])
+        for name, method in methods.items()
+    }
+
+
+def row(method: str, split: str, r: Separability) -> tuple:
+    return (
+        method,
+        split,
+        f"{r.auc:.3f}",
+        f"{r.wins:g}/{r.pairs}",
+        f"{r.gap_sd:+.2f}",
+        f"{r.mean_good:.2f}",
+        f"{r.mean_bad:.2f}",
+        f"{r.length_auc:.2f}",
+        f"{r.length_adverse_wins:g}/{r.length_adverse_pairs}",
+        f"{r.score_length_spearman:+.2f}",
+    )
+
+
+def _rounded(r: Separability) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
+
+
+async def run(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pairs = {
+        "dev": load_judge_pairs("alignment", "dev", args.pairs),
+        "test": load_judge_pairs("alignment", "test", args.pairs),
+        "prior": prior_pairs(),
+    }
+    engagement = {split: load_judge_pairs("engagement", split, args.pairs) for split in ("dev", "test")}
+    cache = {"cache_path": args.cache} if args.cache else {"cache_mode": "off"}
+    spec = backend_spec(args.observer, max_tokens=args.reason_tokens, **cache)
+    results: dict[str, dict[str, Separability]] = {}
+    version = {MEASURED_PROMPTED: prompts.PROMPT_VERSION}
+    async with build_backend(spec) as backend:
+        model = backend.scoring_model
+        stored = load_calibrations(args.calibration) if Path(args.calibration).is_file() else {}
+        calibration = stored.get(model) if model else None
+        for reasons, name in ((True, "prompted+reason"), (False, MEASURED_PROMPTED)):
+            if reasons and not args.reason_baseline:
+                continue
+            results[name] = {
+                split: measure(p, await prompted_scores(backend, "alignment", p, reasons))
+                for split, p in pairs.items()
+            }
+            version[name] = prompts.PROMPT_VERSION
+        results[MEASURED_ENGAGEMENT] = {
+            split: measure(p, await prompted_scores(backend, "engagement", p, False))
+            for split, p in engagement.items()
+        }
+        version[MEASURED_ENGAGEMENT] = prompts.PROMPT_VERSION
+        if model is not None:
+            read = {split: await readings(backend, p) for split, p in pairs.items()}
+            if args.fit:
+                calibration = fit(read["dev"], Path(args.pairs), len(pairs["dev"]))
+            if calibration is not None:
+                for name, score in (
+                    ("F1", lambda r: calibration.score_follow(r.follow)),
+                    (MEASURED_CONTRAST, lambda r: calibration.score(r.follow, r.ethics)),
+                ):
+                    results[name] = {
+                        split: measure(pairs[split], [score(r) for r in read[split]]) for split in read
+                    }
+                    version[name] = prompts.JUDGE_PROMPT_VERSION
+        timing_items = answers(pairs["dev"])[: args.timing_items]
+        # Timed without the response cache, which would answer the answers rated above.
+        uncached = backend.inner if isinstance(backend, CachedBackend) else backend
+        seconds = await timings(uncached, calibration, timing_items) if args.timing_items else {}
+
+    header = (
+        "method",
+        "split",
+        "AUC",
+        "wins",
+        "gap SD",
+        "good",
+        "bad",
+        "len AUC",
+        "len-adverse wins",
+        "rho(len)",
+    )
+    print(
+        format_table(header, [row(m, s, r) for m, by_split in results.items() for s, r in by_split.items()])
+    )
+    if calibration is None:
+        print(f"F1/F2: no calibration for {model or args.observer} (scores no text, or run --fit)")
+    else:
+        print(
+            f"calibration ({'fitted now on dev' if args.fit else 'stored'}): follow mean {calibration.follow[0]:.4f} "
+            f"sd {calibration.follow[1]:.4f}; ethics mean {calibration.ethics[0]:.4f} sd {calibration.ethics[1]:.4f}; "
+            f"F1 {calibration.f1.slope:.4f} z {calibration.f1.intercept:+.4f}; "
+            f"F2 {calibration.f2.slope:.4f} z {calibration.f2.intercept:+.4f}"
+        )
+    if seconds:
+        print(
+            f"seconds per rating, one at a time, {args.threads} torch thread(s), {len(timing_items)} dev answers: "
+            + ", ".join(f"{name} {s:.2f}" for name, s in seconds.items())
+        )
+    if args.fit and calibration is not None and model is not None:
+        measured = {
+            name: {"prompts": version[name], **{split: _rounded(r) for split, r in by_split.items()}}
+            for name, by_split in results.items()
+        }
+        save_calibration(args.calibration, model, dataclasses.replace(calibration, measured=measured))
+        print(f"calibration for {model} written to {args.calibration}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observer", default="embedded")
-    asyncio.run(measure(parser.parse_args().observer))
+    parser.add_argument("--pairs", default=str(JUDGE_PAIRS), help="labelled pairs (JSONL)")
+    parser.add_argument("--calibration", default=str(JUDGE_CALIBRATION), help="calibration file")
+    parser.add_argument("--fit", action="store_true", help="fit the calibration on the dev half and write it")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--timing-items", type=int, default=4, help="answers timed per method (0: no timing)")
+    parser.add_argument("--reason-tokens", type=int, default=48, help="longest reason, in tokens")
+    parser.add_argument(
+        "--reason-baseline",
+        action="store_true",
+        help="also score every answer with a reason generated (in-process the score is read before the "
+        "reason, so it equals 'prompted'; over HTTP it may not); always timed",
+    )
+    parser.add_argument("--cache", default=None, help="response cache file (reruns answer from it)")
+    asyncio.run(run(parser.parse_args()))
 
 
 if __name__ == "__main__":
