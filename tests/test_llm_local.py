@@ -170,3 +170,24 @@ def test_rating_without_reason_reads_the_same_digits_and_generates_nothing(
         assert not bare.cached and again.cached and again.reason == ""
 
     asyncio.run(scenario())
+
+
+def test_a_reason_ends_at_its_line_break(tiny_model_dir: Path) -> None:
+    async def scenario() -> list[tuple[str, str]]:
+        backend = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_tokens=24, temperature=1.0))
+        sampling = backend._sampling({})
+        calls = [(_messages(p), i) for i in range(8) for p in PROMPTS]
+        free = await asyncio.gather(*(backend._generate(m, [], sampling, i) for m, i in calls))
+        one_line = await asyncio.gather(
+            *(backend._generate(m, [], sampling, i, one_line=True) for m, i in calls)
+        )
+        await backend.aclose()
+        return [(a.text, b.text) for a, b in zip(free, one_line, strict=True)]
+
+    pairs = asyncio.run(scenario())
+    # Same seeds, same tokens up to the first line break, where the one-line generation stops.
+    broken = [(free, line) for free, line in pairs if "\n" in free.rstrip("\n")]
+    assert broken, "the untrained model wrote no line break in 32 samples"
+    for free, line in pairs:
+        cut = free.find("\n")
+        assert line == (free if cut < 0 else free[: cut + 1])

@@ -211,6 +211,7 @@ class LocalBackend(ChatBackend):
         eos = self.model.generation_config.eos_token_id
         self._eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self._rating_tokens: dict[int, tuple[list[int], dict[int, int]] | None] = {}
+        self._line_breaks: set[int] | None = None
         self._closed = False
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -237,13 +238,21 @@ class LocalBackend(ChatBackend):
         return await request.future
 
     async def _generate(
-        self, messages: list[Message], prefill: list[int], sampling: dict[str, Any], sample_index: int
+        self,
+        messages: list[Message],
+        prefill: list[int],
+        sampling: dict[str, Any],
+        sample_index: int,
+        *,
+        one_line: bool = False,
     ) -> _Generated:
+        """Generate after the prompt and ``prefill``; ``one_line`` stops at the first line break."""
         key = (
             "generate",
             int(sampling["max_tokens"]),
             float(sampling["temperature"]),
             float(sampling["top_p"]),
+            one_line,
         )
         return await self._submit(key, messages, prefill, request_seed(messages, prefill, sample_index))
 
@@ -293,8 +302,11 @@ class LocalBackend(ChatBackend):
         text, completion_tokens = "", 1
         if reason:
             reason_label = self.tokenizer.encode(f"\n{REASON_PREFIX}", add_special_tokens=False)
+            # The reason is the rest of the ``Reason:`` line; stopping at its end instead of letting the
+            # model write further worked examples up to max_tokens cut a neighbour rating's time by a
+            # fifth (16 ratings of the embedded model: 84 -> 67 s, 1 thread, loaded machine).
             out = await self._generate(
-                messages, [*prefill, digits[best], *reason_label], sampling, sample_index
+                messages, [*prefill, digits[best], *reason_label], sampling, sample_index, one_line=True
             )
             text, completion_tokens = out.text.strip(), 1 + len(out.token_ids)
         return Rating(
@@ -423,7 +435,7 @@ class LocalBackend(ChatBackend):
         inputs, lengths = self._encode(batch)
         self.batch_sizes.append(len(batch))
         with torch.inference_mode():
-            logits = self.model(**inputs).logits[:, -1, :].float()
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
         digit_ids = list(batch[0].key[1])
         return list(zip(torch.log_softmax(logits, dim=-1)[:, digit_ids].tolist(), lengths, strict=True))
 
@@ -445,10 +457,19 @@ class LocalBackend(ChatBackend):
             for i, (r, length) in enumerate(zip(batch, lengths, strict=True))
         ]
 
+    def _line_break_ids(self) -> set[int]:
+        """Ids of the tokens whose text holds a line break (computed once)."""
+        if self._line_breaks is None:
+            vocabulary = range(len(self.tokenizer))
+            self._line_breaks = {i for i in vocabulary if "\n" in self.tokenizer.decode([i])}
+        return self._line_breaks
+
     def _generate_batch(self, batch: list[_Request]) -> list[_Generated]:
         torch = self._torch
-        _, max_tokens, temperature, top_p = batch[0].key
+        _, max_tokens, temperature, top_p, one_line = batch[0].key
         from transformers import LogitsProcessorList
+
+        stops = self._eos_ids | self._line_break_ids() if one_line else self._eos_ids
 
         inputs, lengths = self._encode(batch)
         processors = LogitsProcessorList()
@@ -462,12 +483,13 @@ class LocalBackend(ChatBackend):
                 attention_mask=inputs["attention_mask"],
                 max_new_tokens=max_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(stops),
                 do_sample=False,
                 logits_processor=processors,
             )
         results = []
         for row, length in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), lengths, strict=True):
-            end = next((i + 1 for i, token in enumerate(row) if token in self._eos_ids), len(row))
+            end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
             text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
             results.append(_Generated(text=text, token_ids=row[:end], prompt_tokens=length))
         return results
