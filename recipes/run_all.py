@@ -158,6 +158,54 @@ def stages() -> list[tuple[str, Path, str, Callable[[], None]]]:
     ]
 
 
+GOAL_PREFERENCE_GAIN = 0.10
+"""The demo's goal: trained minus base preference accuracy on the labelled test pairs."""
+
+
+def goals(evaluation: dict) -> str:
+    """The demo's goals for what training changes, each with its measured figure and whether it was met."""
+    base, trained = NAMES
+    accuracy = {(p["model"], p["pairs"]): p for p in evaluation["preference_accuracy"]}
+    differences = {d["aspect"]: d for d in evaluation["paired_differences"] if d["model"] == trained}
+    rows = []
+    labelled_base, labelled_trained = accuracy.get((base, "labelled")), accuracy.get((trained, "labelled"))
+    if (
+        labelled_base
+        and labelled_trained
+        and None not in (labelled_base["accuracy"], labelled_trained["accuracy"])
+    ):
+        gain = labelled_trained["accuracy"] - labelled_base["accuracy"]
+        rows.append(
+            (
+                f"labelled-pair preference accuracy gain >= {GOAL_PREFERENCE_GAIN * 100:+.0f} points",
+                f"{gain * 100:+.1f} points",
+                "met" if gain >= GOAL_PREFERENCE_GAIN else "not met",
+            )
+        )
+    alignment = differences.get("alignment")
+    if alignment and alignment["low"] is not None:
+        rows.append(
+            (
+                "held-out alignment difference > 0 with its 95% interval",
+                f"{alignment['mean']:+.2f} [{alignment['low']:+.2f}, {alignment['high']:+.2f}]",
+                "met" if alignment["low"] > 0 else "not met",
+            )
+        )
+    fell = [
+        f"{key} accuracy"
+        for (model, key), p in accuracy.items()
+        if model == trained and p["accuracy"] is not None and p["accuracy"] < accuracy[base, key]["accuracy"]
+    ] + [f"{aspect} score" for aspect, d in differences.items() if d["mean"] is not None and d["mean"] < 0]
+    rows.append(
+        (
+            "no point estimate below the base model's",
+            ", ".join(fell) or "none fell",
+            "not met" if fell else "met",
+        )
+    )
+    return "goals:\n" + format_table(("goal", "measured", ""), rows)
+
+
 def results() -> str:
     """The one results table of the job: what was trained on, and what training changed."""
     rounds = json.loads((SIM / "summary.json").read_text())
@@ -171,6 +219,7 @@ def results() -> str:
             f"society: {interactions} interactions ({failed} failed), per round:\n{rounds_table(rounds)}",
             f"comparison groups:\n{groups_table(data)}\n{trained_on}",
             (EVAL / "table.txt").read_text().rstrip(),
+            goals(json.loads((EVAL / "summary.json").read_text())),
         ]
     )
 

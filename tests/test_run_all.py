@@ -1,0 +1,54 @@
+"""`make run`'s goals table: each goal's figure and verdict from an evaluation summary."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_all():
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "recipes" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(base: float, trained: float, heldout: tuple[float, float], alignment: tuple, engagement: float):
+    run_all = _run_all()
+    b, t = run_all.NAMES
+    return run_all, {
+        "preference_accuracy": [
+            {"model": b, "pairs": "labelled", "accuracy": base},
+            {"model": t, "pairs": "labelled", "accuracy": trained},
+            {"model": b, "pairs": "heldout_groups", "accuracy": heldout[0]},
+            {"model": t, "pairs": "heldout_groups", "accuracy": heldout[1]},
+        ],
+        "paired_differences": [
+            {
+                "model": t,
+                "aspect": "alignment",
+                "mean": alignment[0],
+                "low": alignment[1],
+                "high": alignment[2],
+            },
+            {"model": t, "aspect": "engagement", "mean": engagement, "low": -1.0, "high": 1.0},
+        ],
+    }
+
+
+def test_goals_met() -> None:
+    run_all, summary = _summary(0.60, 0.75, (0.5, 0.6), (0.3, 0.1, 0.5), 0.1)
+    table = run_all.goals(summary)
+    assert "+15.0 points" in table and "+0.30 [+0.10, +0.50]" in table and "none fell" in table
+    assert "not met" not in table
+
+
+def test_goals_not_met_name_what_fell() -> None:
+    run_all, summary = _summary(0.60, 0.65, (0.6, 0.5), (0.3, -0.1, 0.7), -0.2)
+    lines = run_all.goals(summary).splitlines()
+    gain, alignment, fell = lines[-3:]
+    assert "+5.0 points" in gain and gain.rstrip().endswith("not met")
+    assert alignment.rstrip().endswith("not met")
+    assert "heldout_groups accuracy, engagement score" in fell and fell.rstrip().endswith("not met")
