@@ -137,7 +137,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v3": "508cff2962f742fa7d76ab06f43b3c6e553f84afffba49845575a7fed50251f1"}
+PROMPT_HASHES = {"sandbox-v4": "72dc2cd41612f9f7fc6403b254e5921587bc1abc018eba94a69c32c731e1c1aa"}
 
 
 def test_prompts_are_pinned_to_their_version():
