@@ -862,7 +862,11 @@ def prepare_run(config: SimulationConfig) -> PreparedRun:
 
 def _save_run(config: SimulationConfig, run: PreparedRun, judge: Judge | None = None) -> None:
     """Write ``config.yaml``; with ``judge`` (known once the observer backend runs: each rank
-    rewrites the file) also what the observers' judge settled on, for the dataset card."""
+    rewrites the file) also what the observers' judge settled on, for the dataset card.
+
+    A judge that settles on another method or scoring model than the one saved (``auto`` on a
+    machine where the observer's dtype has no calibration) is refused: the run's scores must not mix.
+    """
     run.output.mkdir(parents=True, exist_ok=True)
     saved = {
         "run_id": run.run_id,
@@ -872,6 +876,16 @@ def _save_run(config: SimulationConfig, run: PreparedRun, judge: Judge | None = 
     }
     if judge is not None:
         saved["judge"] = judge.description()
+        path = run.output / CONFIG_FILE
+        before = (yaml.safe_load(path.read_text()) or {}).get("judge") if path.is_file() else None
+        settled = ("alignment", "scoring_model")
+        if before and any(before.get(k) != saved["judge"][k] for k in settled):
+            raise UserError(
+                f"output folder {run.output} holds a run scored by a {before['alignment']} judge on "
+                f"{before.get('scoring_model') or before['observer']}; here the judge settles on "
+                f"{saved['judge']['alignment']} on {saved['judge']['scoring_model'] or saved['judge']['observer']}: "
+                "resume it where the observer scores as it did (same device and dtype)"
+            )
     write_atomic(run.output / CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
 
 

@@ -271,3 +271,28 @@ def test_a_run_names_its_judge_and_the_card_its_separability(tmp_path: Path) -> 
     assert "contrast" in new and "0.773 (34/41 pairs, gap +0.88 SD; prompts judge-v1)" in new
     assert "not measured" in new  # engagement
     assert "prompted" in old and old.count("not measured") == 2
+
+
+def test_a_resumed_run_refuses_a_judge_that_settles_otherwise(
+    tiny_model_dir: Path, tmp_path: Path, recording_backend
+) -> None:
+    from pipeline.simulate import SimulationConfig, run_simulation
+
+    tiny = LocalBackend(tiny_model_dir, BackendSpec(kind="local"))
+    path = tmp_path / "calibration.json"
+    calibration = Calibration("judge-v1", (-1.0, 0.5), (0.5, 2.0), Readout(1.0, 0.0), Readout(2.0, 0.1))
+    path.write_text(json.dumps({tiny.scoring_model: calibration.to_json()}))
+    asyncio.run(tiny.aclose())
+    config = SimulationConfig(
+        output=str(tmp_path / "run"), size=2, rounds=1, k=1, judge=JudgeConfig(calibration=str(path))
+    )
+    agent = recording_backend(delay=0.0)
+    run_simulation(config, backends=(agent, agent), progress=False)  # no scoring: prompted
+    # The same run resumed with an observer that scores text and has a calibration: auto would
+    # settle on contrast, and the run's scores would mix.
+    observer = LocalBackend(tiny_model_dir, BackendSpec(kind="local"))
+    with pytest.raises(
+        UserError, match="scored by a prompted judge on recording; here the judge settles on contrast"
+    ):
+        run_simulation(config, backends=(recording_backend(delay=0.0), observer), progress=False)
+    asyncio.run(observer.aclose())
