@@ -21,88 +21,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import prompts
-from pipeline.embedded import embedded_gguf_path
 from pipeline.llm import BackendSpec
 from pipeline.llm.base import Message, Rating
 from pipeline.llm.factory import build_backend
 from pipeline.llm.openai_backend import OpenAIBackend
+from pipeline.llm.testing import LLAMACPP_MODEL as MODEL
+from pipeline.llm.testing import llama_cpp_missing, llama_cpp_server
 from pipeline.separability import load_judge_pairs
 from pipeline.shards import run_records
 from pipeline.simulate import SimulationConfig, run_simulation
-
-MODEL = "smollm2"
-N_CTX = 4096
-STARTUP_SECONDS = 180
-
-
-def missing() -> str | None:
-    """Why the server cannot run here (``None``: it can)."""
-    for module in ("llama_cpp", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed: pip install 'llama-cpp-python[server]' (builds llama.cpp from source)"
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def llama_server(threads: int, log: Path) -> Iterator[str]:
-    """A llama-cpp-python server on 127.0.0.1 serving the embedded GGUF as ``MODEL``; its base URL."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(embedded_gguf_path()), "--model_alias", MODEL, "--n_ctx", str(N_CTX),
-        "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {server.returncode}; see {log}")
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"llama_cpp.server did not answer in {STARTUP_SECONDS} s; see {log}"
-                    ) from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def spec(url: str, max_tokens: int, **fields: Any) -> BackendSpec:
@@ -211,13 +150,13 @@ def main() -> None:
     parser.add_argument("--skip-round", action="store_true", help="only the per-rating timing")
     parser.add_argument("--record", type=Path, help="write replay fixtures to this folder instead")
     args = parser.parse_args()
-    reason = missing()
+    reason = llama_cpp_missing()
     if reason is not None:
         print(f"skipped: {reason}")
         return
     with (
         tempfile.TemporaryDirectory() as scratch,
-        llama_server(args.threads, Path(scratch) / "server.log") as url,
+        llama_cpp_server(args.threads, Path(scratch) / "server.log") as url,
     ):
         print(f"llama_cpp.server at {url}, {args.threads} thread(s); {os.getloadavg()[0]:.2f} load")
         if args.record:

@@ -5,6 +5,9 @@ serving the embedded GGUF (``benchmarks/bench_llamacpp.py --record``): that serv
 ``json_schema`` form with HTTP 500 and llama-cpp-python's ``json_object`` form with
 ``{ "rating": N, ... }`` and the rating digit's ``top_logprobs``. The replay server answers a request
 only when its body is exactly a recorded one, so these tests also pin what the backend sends.
+
+The last test runs against the real server where ``llama-cpp-python[server]`` is installed; it is
+not a dependency (its source build takes far longer than the suite's budget), so CI skips it.
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ from typing import Any, TypeVar
 import pytest
 
 from pipeline.llm import BackendSpec, build_backend
-from pipeline.llm.testing import FakeOpenAIServer
+from pipeline.llm.testing import LLAMACPP_MODEL, FakeOpenAIServer, llama_cpp_missing, llama_cpp_server
 
 T = TypeVar("T")
 RECORDED = Path(__file__).parent / "data" / "llamacpp"
-MODEL = "smollm2"  # the alias the recording server served the GGUF under
+MODEL = LLAMACPP_MODEL  # the name the recording server served the GGUF under
 
 
 def run(awaitable: Awaitable[T]) -> T:
+    return run_for(awaitable, seconds=30)
+
+
+def run_for(awaitable: Awaitable[T], seconds: float) -> T:
+    """Run one scenario; a hang becomes a test failure instead of a stuck suite."""
+
     async def bounded() -> T:
-        return await asyncio.wait_for(awaitable, timeout=30)
+        return await asyncio.wait_for(awaitable, timeout=seconds)
 
     return asyncio.run(bounded())
 
@@ -210,3 +219,20 @@ def test_a_server_refusing_both_forms_is_asked_in_plain_text_from_then_on() -> N
         assert first.score == pytest.approx(0.2 * 4 + 0.7 * 5 + 0.1 * 6)
         assert forms(server.requests) == ["json_schema", "json_object", "plain", "plain"]
         assert all(body["logprobs"] is True for body in server.requests)
+
+
+@pytest.mark.embedded
+@pytest.mark.skipif(llama_cpp_missing() is not None, reason=str(llama_cpp_missing()))
+def test_a_real_llamacpp_server_gives_distribution_based_ratings(tmp_path: Path) -> None:
+    with llama_cpp_server(threads=1, log=tmp_path / "server.log") as url:
+
+        async def scenario() -> list:
+            async with build_backend(spec_for(url, max_tokens=24, timeout=300)) as backend:
+                return [await backend.rate(messages_of(OBSERVER[0]), reason=r) for r in (True, False)]
+
+        full, bare = run_for(scenario(), seconds=600)
+    for rating in (full, bare):
+        assert rating.method == "logprobs" and rating.distribution is not None
+        assert sum(rating.distribution.values()) == pytest.approx(1.0) and 1 <= rating.score <= 7
+    assert json.loads(bare.raw)["rating"] in range(1, 8)
+    assert full.reason and bare.reason == ""

@@ -21,22 +21,31 @@ models (404 ``model_not_found`` otherwise), listed by ``GET /v1/models``. ``kill
 sends SIGKILL to the process that sent the N-th chat request (found from the connection's port),
 a deterministic way to crash a worker mid-run. Faults, refusals and kills apply to chat requests;
 the model list only checks the key.
+
+:func:`llama_cpp_server` instead starts a real llama.cpp server (``llama-cpp-python[server]``, not a
+dependency of the project: :func:`llama_cpp_missing` says when it is absent) with the embedded GGUF.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import math
 import os
 import random
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -44,6 +53,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from pipeline.embedded import embedded_gguf_path
 
 FAULTS = ("500", "429", "hang", "empty", "non-json", "nonsense")
 DEFAULT_REPLY = "Rating: 5\nReason: This is a fixed reply from the fake server."
@@ -292,3 +303,62 @@ class FakeOpenAIServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._socket.close()
+
+
+LLAMACPP_MODEL = "smollm2"
+"""The name :func:`llama_cpp_server` serves the embedded GGUF under."""
+LLAMACPP_STARTUP_SECONDS = 180
+
+
+def llama_cpp_missing() -> str | None:
+    """Why :func:`llama_cpp_server` cannot run here (``None``: it can)."""
+    for module in ("llama_cpp", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed: pip install 'llama-cpp-python[server]' (builds llama.cpp from source)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_cpp_server(threads: int, log: Path) -> Iterator[str]:
+    """A real llama.cpp server (``python -m llama_cpp.server``) on 127.0.0.1 serving the embedded GGUF as
+    :data:`LLAMACPP_MODEL` with ``threads`` threads; yields its base URL, stops it on exit. Its
+    output goes to ``log``."""
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(embedded_gguf_path()), "--model_alias", LLAMACPP_MODEL, "--n_ctx", "4096",
+        "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + LLAMACPP_STARTUP_SECONDS
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {server.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"llama_cpp.server did not answer in {LLAMACPP_STARTUP_SECONDS} s; see {log}"
+                    ) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
