@@ -36,9 +36,10 @@ def test_batched_and_one_by_one_greedy_outputs_match(tiny_model_dir: Path) -> No
     batched_texts, batched_ratings = asyncio.run(_answer_all(batched))
     single_texts, single_ratings = asyncio.run(_answer_all(single))
 
-    # Concurrent calls really shared model invocations: answers, rating digits, rating reasons.
-    assert batched.batch_sizes == [4, 4, 4]
-    assert single.batch_sizes == [1] * 12
+    # Concurrent calls really shared model invocations: answers, then ratings (a rating's digit and
+    # reason come from one generation).
+    assert batched.batch_sizes == [4, 4]
+    assert single.batch_sizes == [1] * 8
     assert batched_texts == single_texts
     assert any(text for text in batched_texts)
     for b, s in zip(batched_ratings, single_ratings, strict=True):
