@@ -29,6 +29,7 @@ from pipeline.llm.base import (
     Usage,
 )
 from pipeline.llm.cache import ResponseCache, cache_key
+from pipeline.llm.ratings import CONTRACT_VERSION
 
 T = TypeVar("T")
 
@@ -388,8 +389,8 @@ class CachedBackend(Layer):
         **params: Any,
     ) -> Rating:
         request = self._request("rate", messages, sample_index, params)
-        request |= {"scale": scale, "logprobs": self.spec.use_logprobs}
-        if not reason:  # only then, so the keys of ratings with reasons stay those of older caches
+        request |= {"scale": scale, "logprobs": self.spec.use_logprobs, "contract": CONTRACT_VERSION}
+        if not reason:
             request["reason"] = False
         key, record = await self._lookup(request)
         if record is not None:

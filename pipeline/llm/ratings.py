@@ -30,6 +30,10 @@ from pipeline.llm.base import Rating, Usage
 SCALE = 7
 """Ratings run from 1 to ``SCALE``."""
 
+CONTRACT_VERSION = "structured-v1"
+"""How a rating is asked for and read (over HTTP: a JSON schema since ``structured-v1``, plain text
+before). Part of a rating's cache key, so a cache never replays a rating asked the older way."""
+
 QUESTION_PREFIX = "Question:"
 ANSWER_PREFIX = "Answer:"
 RATING_PREFIX = "Rating:"
