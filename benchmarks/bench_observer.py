@@ -29,6 +29,7 @@ import hashlib
 import json
 import sys
 import time
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from pipeline.judge import (
     save_calibration,
 )
 from pipeline.llm import ChatBackend, backend_spec, build_backend
+from pipeline.llm.base import Dtype
 from pipeline.llm.layers import CachedBackend
 from pipeline.questions import DEFAULT_PRIOR
 from pipeline.separability import JUDGE_PAIRS, JudgePair, Separability, load_judge_pairs, separability
@@ -170,7 +172,7 @@ async def run(args: argparse.Namespace) -> None:
     }
     engagement = {split: load_judge_pairs("engagement", split, args.pairs) for split in ("dev", "test")}
     cache = {"cache_path": args.cache} if args.cache else {"cache_mode": "off"}
-    spec = backend_spec(args.observer, max_tokens=args.reason_tokens, **cache)
+    spec = backend_spec(args.observer, max_tokens=args.reason_tokens, dtype=args.dtype, **cache)
     results: dict[str, dict[str, Separability]] = {}
     version = {MEASURED_PROMPTED: prompts.PROMPT_VERSION}
     async with build_backend(spec) as backend:
@@ -253,6 +255,12 @@ def main() -> None:
     parser.add_argument("--calibration", default=str(JUDGE_CALIBRATION), help="calibration file")
     parser.add_argument("--fit", action="store_true", help="fit the calibration on the dev half and write it")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=typing.get_args(Dtype),
+        help="in-process observers: the weights' dtype (a calibration is per model and dtype)",
+    )
     parser.add_argument("--timing-items", type=int, default=4, help="answers timed per method (0: no timing)")
     parser.add_argument("--reason-tokens", type=int, default=48, help="longest reason, in tokens")
     parser.add_argument(
