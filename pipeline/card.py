@@ -84,7 +84,8 @@ def _quality_section(quality: dict[str, Any]) -> str:
         "(`pipeline.quality`): `empty`, `too_short`, `truncated` (cut mid-sentence), `copied_prompt` "
         "(instruction, system or worked-example text), `format_leak`, `copied_draft`, `repetition` "
         "(Gopher-style n-gram and duplicate-sentence rules adapted to short texts), `off_topic` (no "
-        "content word shared with the question and few dictionary words), `same_as_draft` and "
+        "content word shared with the question and few dictionary words), `meta_commentary` (an answer "
+        "that talks about the answer or the members instead of answering), `same_as_draft` and "
         f"`duplicate_reason`. {policy} Flags stored with the records: {quality['flags_stored']}; "
         f"computed at transform: {quality['flags_computed']}.\n\n"
         + format_table(
