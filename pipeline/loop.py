@@ -574,7 +574,7 @@ def loop_table(iterations: Sequence[dict[str, Any]]) -> str:
         "align after",
         "engage before",
         "engage after",
-        "flagged d/r/f",
+        "flagged " + "/".join(TEXT_KINDS),
         "trained: held-out align",
         "engage",
         "pref labelled",
