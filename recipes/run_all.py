@@ -6,7 +6,7 @@ user launches it. A stage whose output is complete is skipped, so an interrupted
 the finished stages; the simulation itself resumes mid-round from its shards, and training from
 its last checkpoint.
 
-Besides the training society, a small held-out society answers questions the training never sees
+Besides the training society, a small held-out society (one round, two worlds) answers questions the training never sees
 (`pipeline/data/heldout_questions.txt`); its comparison groups, judged by the same observers, are
 one of the two sets preference accuracy is measured on (the other: the labelled test pairs).
 
@@ -54,8 +54,12 @@ def simulate() -> None:
     run_simulation(simulation(SIM))
 
 
+HELDOUT_SETTINGS = {"questions": str(HELDOUT), "rounds": 1, "seeds": [0, 1]}
+"""The held-out society: one round of two of the demo's worlds on the held-out questions."""
+
+
 def simulate_heldout() -> None:
-    run_simulation(simulation(HELDOUT_SIM, questions=str(HELDOUT), rounds=1))
+    run_simulation(simulation(HELDOUT_SIM, **HELDOUT_SETTINGS))
 
 
 def transform() -> None:
@@ -119,6 +123,9 @@ def stages() -> list[tuple[str, Path, str, Callable[[], None]]]:
                 "--questions",
                 str(HELDOUT),
                 "--rounds",
+                "1",
+                "--seeds",
+                "0",
                 "1",
             ),
             simulate_heldout,
