@@ -19,7 +19,6 @@ asked: the same computation as ``sandbox evaluate --compare``
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pipeline.evaluate import (
     summarize,
 )
 from pipeline.llm.ratings import SCALE
-from pipeline.plots import SUMMARY_FILE
+from pipeline.plots import SUMMARY_FILE, plot_round_curves
 from pipeline.records import ASPECTS, SCORE_FIELDS
 from pipeline.textio import format_table, write_atomic
 
@@ -174,14 +173,8 @@ def runs_tables(runs: dict[str, list[dict[str, Any]]], threshold: float) -> str:
 
 def plot_runs(runs: dict[str, list[dict[str, Any]]], threshold: float) -> bytes:
     """A PNG: per aspect, each run's mean draft (dashed) and revision (solid) score per round."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, len(ASPECTS), figsize=(5 * len(ASPECTS), 4), sharex=True)
-    for ax, aspect in zip(axes, ASPECTS, strict=True):
+    def draw(ax: Any, aspect: str) -> None:
         for index, (name, rows) in enumerate(runs.items()):
             means = round_means(rows)
             rounds = [m["round"] for m in means]
@@ -193,18 +186,8 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], threshold: float) -> bytes:
                 ax.plot(rounds, values, style, color=f"C{index}", marker="o", label=label)
         if aspect == "alignment":
             ax.axhline(threshold, color="grey", lw=0.8, ls=":", label=f"threshold {threshold:g}")
-        ax.set_title(f"observer {aspect}")
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(1, SCALE)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"mean rating (1-{SCALE})")
-    axes[-1].legend(fontsize="small")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    return png.getvalue()
+
+    return plot_round_curves(draw)
 
 
 def evaluations_result(evaluations: dict[str, list[dict[str, Any]]]) -> EvaluationResult:

@@ -9,6 +9,7 @@ several GPUs or DeepSpeed). An output folder holding checkpoints resumes from th
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,3 +56,13 @@ def train_command(
         *resume,
         *extra,
     ]
+
+
+def stop_process(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop a server this job started: SIGTERM, then SIGKILL if it has not exited within ``grace`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

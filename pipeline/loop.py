@@ -52,7 +52,7 @@ import yaml
 from pipeline.argparsing import parse
 from pipeline.embedded import embedded_model_path
 from pipeline.errors import UserError, run_command
-from pipeline.launch import ROOT, train_command
+from pipeline.launch import ROOT, stop_process, train_command
 from pipeline.llm.base import BackendSpec, BudgetExceeded
 from pipeline.llm.factory import OPENAI_BASE_URL
 from pipeline.llm.ratings import SCALE
@@ -341,12 +341,7 @@ def served(template: str, model: str, log: Path, timeout: float) -> Iterator[str
             time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 @contextmanager

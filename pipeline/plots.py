@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,9 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     return format_table(header, body)
 
 
-def plot_rounds(rows: Sequence[dict[str, Any]]) -> bytes:
-    """A PNG of mean observer scores per round and world, before and after revision."""
+def plot_round_curves(draw: Callable[[Any, str], None]) -> bytes:
+    """A PNG with one panel per aspect over the rounds, on the 1..SCALE scale; ``draw(ax, aspect)``
+    draws a panel's lines (a curve's label goes into the last panel's legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,17 +100,8 @@ def plot_rounds(rows: Sequence[dict[str, Any]]) -> bytes:
 
     fig, grid = plt.subplots(1, len(ASPECTS), figsize=(5 * len(ASPECTS), 4), sharex=True, squeeze=False)
     axes = grid[0]
-    worlds = sorted({row["world_id"] for row in rows})
     for ax, aspect in zip(axes, ASPECTS, strict=True):
-        for index, world_id in enumerate(worlds):
-            mine = [row for row in rows if row["world_id"] == world_id]
-            rounds = [row["round"] for row in mine]
-            for when, style in zip(WHEN, ("--", "-"), strict=True):
-                values = [
-                    float("nan") if row[f"{aspect}_{when}"] is None else row[f"{aspect}_{when}"]
-                    for row in mine
-                ]
-                ax.plot(rounds, values, style, color=f"C{index}", marker="o", label=f"{world_id} {when}")
+        draw(ax, aspect)
         ax.set_title(f"observer {aspect}")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -122,6 +114,24 @@ def plot_rounds(rows: Sequence[dict[str, Any]]) -> bytes:
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
     return png.getvalue()
+
+
+def plot_rounds(rows: Sequence[dict[str, Any]]) -> bytes:
+    """A PNG of mean observer scores per round and world, before and after revision."""
+    worlds = sorted({row["world_id"] for row in rows})
+
+    def draw(ax: Any, aspect: str) -> None:
+        for index, world_id in enumerate(worlds):
+            mine = [row for row in rows if row["world_id"] == world_id]
+            rounds = [row["round"] for row in mine]
+            for when, style in zip(WHEN, ("--", "-"), strict=True):
+                values = [
+                    float("nan") if row[f"{aspect}_{when}"] is None else row[f"{aspect}_{when}"]
+                    for row in mine
+                ]
+                ax.plot(rounds, values, style, color=f"C{index}", marker="o", label=f"{world_id} {when}")
+
+    return plot_round_curves(draw)
 
 
 def write_summary(output: Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from pipeline.launch import stop_process
 from pipeline.llm import BackendSpec, CacheMiss, build_backend
 from pipeline.llm.layers import LimitedBackend
 from pipeline.llm.openai_backend import OpenAIBackend
@@ -62,12 +63,7 @@ def served_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             time.sleep(0.25)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def spec_for(url: str, model: Path, **fields: object) -> BackendSpec:

@@ -55,6 +55,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.embedded import embedded_gguf_path
+from pipeline.launch import stop_process
 
 FAULTS = ("500", "429", "hang", "empty", "non-json", "nonsense")
 DEFAULT_REPLY = "Rating: 5\nReason: This is a fixed reply from the fake server."
@@ -356,9 +357,4 @@ def llama_cpp_server(threads: int, log: Path) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 30.0)
