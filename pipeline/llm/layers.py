@@ -389,9 +389,12 @@ class CachedBackend(Layer):
         **params: Any,
     ) -> Rating:
         request = self._request("rate", messages, sample_index, params)
-        request |= {"scale": scale, "logprobs": self.spec.use_logprobs, "contract": CONTRACT_VERSION}
-        if not reason:
-            request["reason"] = False
+        request |= {
+            "scale": scale,
+            "logprobs": self.spec.use_logprobs,
+            "reason": reason,
+            "contract": CONTRACT_VERSION,
+        }
         key, record = await self._lookup(request)
         if record is not None:
             return _rating_from(record)

@@ -117,15 +117,16 @@ class _ForcedLead:
 class _LineEnd:
     """A stopping criterion: a row is done at a line-break token generated after ``start`` tokens."""
 
-    def __init__(self, start: int, line_breaks: set[int]):
+    def __init__(self, start: int, line_breaks: set[int], device: Any):
+        import torch
+
         self.start = start
-        self.line_breaks = sorted(line_breaks)
+        self.line_breaks = torch.tensor(sorted(line_breaks), device=device)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        ended = torch.isin(input_ids[:, -1], torch.tensor(self.line_breaks, device=input_ids.device))
-        return ended & (input_ids.shape[1] > self.start)
+        return torch.isin(input_ids[:, -1], self.line_breaks) & (input_ids.shape[1] > self.start)
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -535,7 +536,7 @@ class LocalBackend(ChatBackend):
             generators = [torch.Generator(device=self.model.device).manual_seed(r.seed) for r in batch]
             processors.append(_SeededSampler(generators, temperature, top_p))
         criteria = StoppingCriteriaList(
-            [_LineEnd(width + lead_width, self._line_break_ids())] if one_line else []
+            [_LineEnd(width + lead_width, self._line_break_ids(), self.model.device)] if one_line else []
         )
         self.batch_sizes.append(len(batch))
         with torch.inference_mode():
