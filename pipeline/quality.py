@@ -30,6 +30,11 @@ Reason codes (thresholds are fields of :class:`QualityConfig`):
   texts ("The answer is no. ...") flagged; 16 of the 18 meta texts of a sandbox-v3 demo run caught.
 - ``copied_draft``: a neighbour's reason that copies the answer it rates instead of judging it: at
   least ``copy_share_draft`` of its words inside word ``copy_ngram``-grams of the draft.
+- ``misquoted``: a neighbour's reason that quotes (between double quotes) words the answer it rates
+  does not hold, in that order: a quote of a worked example ("\"If it is convenient\" makes ..."), or
+  a sentence of the neighbour's own put in quotes, is not feedback on this answer. Measured on the
+  216 reasons of make run r3 (sandbox-v4): 195 quote something, 156 of them words the draft does
+  not hold.
 - ``repetition``: heavy repetition, measured as the Gopher rules (Rae et al. 2021, appendix A)
   measure it, adapted to answers of a few sentences: duplicate sentences (by count and by
   characters) stand for Gopher's duplicate lines and paragraphs; the share of the most frequent
@@ -97,6 +102,7 @@ Reason = Literal[
     "format_leak",
     "meta_commentary",
     "copied_draft",
+    "misquoted",
     "repetition",
     "off_topic",
     "same_as_draft",
@@ -248,6 +254,16 @@ def words(text: str) -> list[str]:
 def normalised(text: str) -> str:
     """``text`` as its words joined by single spaces: case, punctuation and spacing ignored."""
     return " ".join(words(text))
+
+
+_QUOTED = re.compile(r'["“]([^"“”]*)["”]')
+
+
+def misquotes(reason: str, draft: str) -> bool:
+    """Whether ``reason`` quotes words that ``draft`` does not hold as a run (case and punctuation
+    ignored)."""
+    held = f" {normalised(draft)} "
+    return any(quote and f" {quote} " not in held for quote in map(normalised, _QUOTED.findall(reason)))
 
 
 def sentences(text: str) -> list[str]:
@@ -478,6 +494,8 @@ def text_flags(
         and copy_stats(tokens, config.copy_ngram, words(draft))[0] >= config.copy_share_draft
     ):
         flags.append("copied_draft")
+    if kind == "reason" and draft is not None and misquotes(text, draft):
+        flags.append("misquoted")
     if _repetitive(text, config):
         flags.append("repetition")
     context = words(question) + (words(draft) if kind == "reason" and draft else [])

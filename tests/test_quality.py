@@ -40,11 +40,12 @@ def test_clean_texts_pass() -> None:
     # A phrase seen twice in a short text is ordinary English, not Gopher's repetition.
     assert flags("It asks her to be more patient and to be more generous.", "reason", draft=CLEAN_DRAFT) == []
     assert flags("It is not harmful, but it is not kind, and it is not helpful.", "reason") == []
-    # A reason may quote a few words of the answer it rates.
+    # A reason may quote a few words of the answer it rates, in quotes or not, whatever their case.
     assert (
         flags("Saying it bothers you is honest, and a simple rule is fair.", "reason", draft=CLEAN_DRAFT)
         == []
     )
+    assert flags('"Calmly" is kind, and “a Simple rule” is fair.', "reason", draft=CLEAN_DRAFT) == []
     # A closing quote or bracket after the full stop still ends a sentence.
     assert flags('Say to her: "Please ask me before you borrow my clothes."') == []
 
@@ -76,6 +77,8 @@ def test_clean_texts_pass() -> None:
             "reason",
             "copied_draft",
         ),
+        ('"If it is convenient" makes returning the phone depend on comfort.', "reason", "misquoted"),
+        ('"Simple rule" is fair, but "lock the wardrobe" is unkind.', "reason", "misquoted"),
         (
             "Ask her to stop.\n\nQuestion: What if she refuses?\nAnswer: Then lock your wardrobe.",
             "draft",
