@@ -17,7 +17,7 @@ from pipeline.llm.ratings import SCALE, WorkedExample, rating_request
 from pipeline.memory import MemoryEntry
 from pipeline.world import BAD, GOOD
 
-PROMPT_VERSION = "sandbox-v4"
+PROMPT_VERSION = "sandbox-v5"
 
 SANDBOX_RULE = (
     "You are a member of a community of people who answer questions. Everything you say is seen "
@@ -129,15 +129,18 @@ def _memory_block(memories: Sequence[MemoryEntry], intro: str) -> str:
     return f"{intro}\n\n{pairs}\n\n"
 
 
-# Answer prompts end with the question itself and a length: a small model then answers the
-# question instead of writing about an answer or continuing a "Question:/Answer:" pattern. With the
-# embedded SmolLM2-135M, the v2 revision turn ("Revise your answer so that it is more socially
-# aligned and wins their approval. Reply with the revised answer only.") was echoed in 5 of 18
-# revisions of the demo run; see pipeline.quality for the flags that measure it.
-ANSWER_LENGTH = "Answer in two or three sentences."
+# Answer prompts end with the question itself: a small model then answers the question instead of
+# writing about an answer or continuing a "Question:/Answer:" pattern. With the embedded
+# SmolLM2-135M, the v2 revision turn ("Revise your answer so that it is more socially aligned and
+# wins their approval. Reply with the revised answer only.") was echoed in 5 of 18 revisions of the
+# demo run; see pipeline.quality for the flags that measure it. They ask for no length (sandbox-v5):
+# the imitation prompt is the bare question (SPEC), so a society told "Answer in two or three
+# sentences." (up to v4) taught the trained model short answers to questions asked without it. In
+# make run (r3), its held-out answers came out half as long as the base model's (37 vs 75 words).
 
 RETIRED_TEXTS = (
     "Answer in a few sentences.",
+    "Answer in two or three sentences.",
     "The other members rated your answer out of on average.",
     "Their comments, from the highest rating to the lowest:",
     "Revise your answer so that it is more socially aligned and wins their approval. "
@@ -147,7 +150,7 @@ RETIRED_TEXTS = (
     "It urges revenge and damage to property.",
     "Not harmful, but it treats honesty as optional.",
 )
-"""Instructions of earlier prompt versions (``sandbox-v2``) and the worked-example reasons neighbours
+"""Instructions of earlier prompt versions (``sandbox-v2``; the length asked up to ``sandbox-v4``) and the worked-example reasons neighbours
 saw up to ``sandbox-v3``, so that copies of them in records made with those prompts are still caught
 (``pipeline.quality``)."""
 
@@ -157,7 +160,7 @@ def draft_messages(question: str, memories: Sequence[MemoryEntry]) -> list[Messa
     context = _memory_block(memories, "Answers you gave earlier to similar questions:")
     return [
         {"role": "system", "content": SANDBOX_RULE},
-        {"role": "user", "content": f"{context}{question}\n\n{ANSWER_LENGTH}"},
+        {"role": "user", "content": f"{context}{question}"},
     ]
 
 
@@ -202,7 +205,7 @@ def revision_messages(
     """The centre answers again after the neighbours' ``(rating, reason)`` feedback on its draft.
 
     One user turn: the draft, the mean rating, the reasons, then the question (see
-    ``ANSWER_LENGTH``). The reasons are listed from the highest rating to the lowest, so the
+    the note above ``RETIRED_TEXTS``). The reasons are listed from the highest rating to the lowest, so the
     harshest criticism is read last; reasons without a readable rating come first. The mean is over
     readable ratings.
     """
@@ -220,7 +223,7 @@ def revision_messages(
             "content": (
                 f"You answered this question before: {draft.strip()}\n\n{summary} Their comments, from the "
                 f"highest rating to the lowest:\n{comments}\n\nAnswer again, taking their comments into "
-                f"account.\n\n{question}\n\n{ANSWER_LENGTH}"
+                f"account.\n\n{question}"
             ),
         },
     ]
@@ -230,7 +233,7 @@ def persona_messages(label: str, question: str) -> list[Message]:
     """Generate a prior (question, answer) pair for a stance when no prior file is used."""
     return [
         {"role": "system", "content": PERSONAS[label]},
-        {"role": "user", "content": f"{question}\n\n{ANSWER_LENGTH}"},
+        {"role": "user", "content": question},
     ]
 
 

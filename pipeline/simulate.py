@@ -185,6 +185,13 @@ class SimulationConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "world seeds (non-negative)"})
     k: int = field(default=4, metadata={"help": "partners rating each draft"})
+    reason_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "longest neighbour reason, in tokens (a reason is one line); none: the agent's max_tokens. "
+            "A batch of ratings generates until its longest reason ends, so a cap bounds the batch"
+        },
+    )
     radius: float | None = field(
         default=None,
         metadata={"help": "neighbourhood radius on the grid; none: size // 2, as the reference code"},
@@ -290,6 +297,8 @@ class SimulationConfig:
         for name in ("rounds", "k", "flush_every", "prior_generate", "breaker_window", "agents_per_question"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.reason_tokens is not None and self.reason_tokens < 1:
+            raise UserError(f"reason_tokens must be at least 1, got {self.reason_tokens}")
         if self.top_n < 0 or self.memory_size < 0:
             raise UserError("top_n and memory_size must not be negative")
         if self.interaction_retries < 0 or self.retry_wait < 0:
@@ -352,6 +361,9 @@ class SimulationConfig:
                 data[role] = {
                     k: spec[k] for k in BACKEND_IDENTITY_FIELDS if k != "dtype" or spec[k] != "auto"
                 }
+        # reason_tokens joined the identity later: left unset it is omitted, so older runs resume.
+        if data["reason_tokens"] is None:
+            del data["reason_tokens"]
         # The judge joined the identity later: the older runs' judge (prompted, with reasons) is
         # omitted, so those runs resume with --judge.alignment prompted --judge.reasons.
         judge = self.judge.identity()
@@ -561,6 +573,8 @@ class Simulation:
                     record["observer_reasons"][f"{aspect}_{when}"] = rating.reason
                     usage += rating.usage
 
+        reason_length = {"max_tokens": config.reason_tokens} if config.reason_tokens else {}
+
         def observers(answer: str) -> list[Any]:
             return [self.judge.rate(aspect, question, answer) for aspect in ASPECTS]
 
@@ -581,6 +595,7 @@ class Simulation:
                         ),
                         scale=SCALE,
                         sample_index=world.sample_index(round_, agent, f"rating-{p}"),
+                        **reason_length,
                     )
                     for p in partners
                 ),

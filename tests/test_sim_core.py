@@ -111,7 +111,7 @@ def test_revision_prompt_mean_and_order():
     assert [m["role"] for m in messages] == ["system", "user"] and "my draft" in text
     assert "4.0 out of 7" in text  # (6 + 2 + 4) / 3: the unreadable rating is left out
     assert text.index("???") < text.index("kind") < text.index("ok") < text.index("rude")
-    assert text.endswith(f"Q?\n\n{prompts.ANSWER_LENGTH}")  # the question comes last
+    assert text.endswith("account.\n\nQ?")  # the question comes last, with no length asked
     none = prompts.revision_messages("Q?", "d", [(None, "x"), (None, "")])[-1]["content"]
     assert "None of the other members gave a readable rating" in none and "(no reason given)" in none
 
@@ -137,7 +137,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v4": "72dc2cd41612f9f7fc6403b254e5921587bc1abc018eba94a69c32c731e1c1aa"}
+PROMPT_HASHES = {"sandbox-v5": "f3a893a736dca5bb376605ce763c5c391fe84a2b8585246bb7cc13fd1120098b"}
 
 
 def test_prompts_are_pinned_to_their_version():

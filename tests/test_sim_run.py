@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import run_records
 
+from pipeline import prompts
 from pipeline.llm.testing import FakeOpenAIServer
 from pipeline.plots import round_summary, write_summary
 from pipeline.records import RECORD_FEATURES, record_features
@@ -225,6 +226,22 @@ def test_prior_generated_from_personas(tmp_path, server):
     ]
     assert any(row["answer"] in draft for row in prior for draft in drafts)  # the agents recall them
     assert all(r["status"] == "ok" for r in records(tmp_path / "out"))
+
+
+def test_reason_tokens_caps_neighbour_ratings_only(tmp_path, server):
+    config = write_config(tmp_path / "sim.yaml", server.base_url, size=2, rounds=1, k=1, reason_tokens=9)
+    assert main(["--config", str(config), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    asked = {
+        "rating": {
+            r["max_tokens"] for r in server.requests if "Rate another member" in r["messages"][-1]["content"]
+        },
+        "answer": {
+            r["max_tokens"] for r in server.requests if r["messages"][0]["content"] == prompts.SANDBOX_RULE
+        }
+        - {9},
+    }
+    assert asked["rating"] == {9} and asked["answer"] == {256}  # the agent's max_tokens (the default)
+    assert yaml.safe_load((tmp_path / "out/config.yaml").read_text())["identity"]["reason_tokens"] == 9
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
