@@ -36,7 +36,7 @@ from pipeline.embedded import embedded_model_path
 from pipeline.errors import BackendLoadError, UserError, run_command
 from pipeline.judge import Judge, JudgeConfig
 from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build_backend
-from pipeline.llm.base import CacheMode
+from pipeline.llm.base import CacheMode, Dtype
 from pipeline.llm.factory import MODEL_REFERENCE
 from pipeline.llm.ratings import SCALE
 from pipeline.questions import load_questions
@@ -68,7 +68,7 @@ class EvaluationConfig:
         simulation_questions: the simulation's pool, to warn about overlap.
 
     Generation:
-        max_tokens, observer_max_tokens, concurrency.
+        max_tokens, observer_max_tokens, concurrency, dtype.
 
     Preference accuracy (in-process models only):
         pairs, pairs_aspect, pairs_split: the labelled good/bad pairs and which of them.
@@ -110,7 +110,16 @@ class EvaluationConfig:
     )
     max_tokens: int = field(default=96, metadata={"help": "longest answer, in tokens"})
     observer_max_tokens: int = field(default=48, metadata={"help": "longest observer reason, in tokens"})
-    concurrency: int = field(default=16, metadata={"help": "calls in flight per model"})
+    concurrency: int = field(
+        default=16, metadata={"help": "calls in flight per model (in-process models batch them all at once)"}
+    )
+    dtype: Dtype = field(
+        default="auto",
+        metadata={
+            "help": "in-process models' and observer's weights: auto (float32 on CPU) or a dtype; a contrast "
+            "judge needs a calibration for its observer in that dtype (preference accuracy stays float32)"
+        },
+    )
     pairs: str | None = field(
         default=str(JUDGE_PAIRS),
         metadata={
@@ -161,6 +170,8 @@ class EvaluationConfig:
         for name in ("max_tokens", "observer_max_tokens", "concurrency", "preference_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in typing.get_args(Dtype):
+            raise UserError(f"--dtype must be one of {', '.join(typing.get_args(Dtype))}")
         if self.cache_mode not in typing.get_args(CacheMode):
             raise UserError(f"--cache-mode must be one of {', '.join(typing.get_args(CacheMode))}")
         if self.pairs_aspect not in ASPECTS:
@@ -524,6 +535,8 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     pair_sets = load_pair_sets(config)
     common = {
         "max_concurrency": config.concurrency,
+        "max_batch_size": config.concurrency,
+        "dtype": config.dtype,
         "cache_path": config.cache,
         "cache_mode": config.cache_mode,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,25 @@ def test_run_evaluation_returns_the_summaries_it_writes(
     assert (tmp_path / "eval" / "table.txt").read_text() == evaluate.results_table(result) + "\n"
 
 
+def test_dtype_loads_models_and_observer_in_it(tiny_model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    config = evaluate.EvaluationConfig(
+        model=str(tiny_model_dir),
+        observer=str(tiny_model_dir),
+        questions=str(pool),
+        limit=2,
+        max_tokens=4,
+        dtype="bfloat16",
+        pairs=None,
+        output=str(tmp_path / "eval"),
+    )
+    assert all(s.null_share == 0 for s in evaluate.run_evaluation(config).summaries)
+    with sqlite3.connect(tmp_path / "eval" / "cache.sqlite") as db:
+        endpoints = {
+            json.loads(request)["endpoint"] for (request,) in db.execute("SELECT request FROM responses")
+        }
+    assert endpoints and all("bfloat16" in e for e in endpoints)  # answers and ratings alike
+
+
 def test_preference_is_na_for_http_models_and_skipped_without_pairs(tiny_model_dir: Path) -> None:
     pairs = [PreferencePair(question_prompt("Is honesty fair?"), "Yes, it is.", "No.")]
     models = {"local": backend_spec(str(tiny_model_dir)), "served": backend_spec("m@http://127.0.0.1:9/v1")}
@@ -173,6 +193,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ({"model": "a", "limit": 0, "output": "o"}, "--limit must be at least 1"),
         ({"model": "a", "concurrency": 0, "output": "o"}, "--concurrency must be at least 1"),
         ({"model": "a", "cache_mode": "sometimes", "output": "o"}, "--cache-mode must be one of"),
+        ({"model": "a", "dtype": "float8", "output": "o"}, "--dtype must be one of"),
         ({"model": "a"}, "--output is required"),
         ({"model": "a", "pairs_aspect": "style", "output": "o"}, "--pairs-aspect must be one of"),
         ({"model": "a", "pairs_split": "train", "output": "o"}, "--pairs-split must be one of"),
