@@ -391,6 +391,9 @@ def run_subprocess(command: list[str], what: str) -> None:
 def evaluate_command(config: LoopConfig, layout: Layout, t: int, heldout_groups: Path) -> list[str]:
     """``sandbox evaluate``: ``M_t`` against ``M_{t+1}`` on the held-out questions, the pinned observer."""
     limit = ["--limit", str(config.eval_limit)] if config.eval_limit else []
+    # The evaluation runs in the observer's dtype, so it scores with the judge (and calibration)
+    # that scored the societies.
+    dtype = ["--dtype", config.observer.dtype] if config.observer.dtype != "auto" else []
     return [
         sys.executable, "-m", "pipeline.cli", "evaluate",
         "--compare", model_reference(config, layout, t), model_reference(config, layout, t + 1),
@@ -402,6 +405,7 @@ def evaluate_command(config: LoopConfig, layout: Layout, t: int, heldout_groups:
         "--cache", str(layout.eval_cache),
         "--output", str(layout.eval(t)),
         *limit,
+        *dtype,
     ]  # fmt: skip
 
 

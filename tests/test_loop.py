@@ -130,6 +130,19 @@ def test_config_refuses_an_observer_following_the_agents(tmp_path: Path, tiny_mo
         )
 
 
+def test_evaluation_runs_in_the_observers_dtype(tmp_path: Path, tiny_model_dir: Path) -> None:
+    def command(observer: dict[str, Any]) -> list[str]:
+        config = from_dict(
+            loop.LoopConfig, {**loop_data(tmp_path, tiny_model_dir, "http://x/v1"), "observer": observer}
+        )
+        return loop.evaluate_command(config, loop.Layout(config.output_dir), 0, tmp_path / "heldout")
+
+    served = command({"kind": "openai", "model": "judge", "base_urls": ["http://x/v1"]})
+    assert "--dtype" not in served and served[served.index("--observer") + 1] == "judge@http://x/v1"
+    embedded = command({"kind": "embedded", "dtype": "bfloat16"})
+    assert embedded[embedded.index("--dtype") + 1] == "bfloat16"
+
+
 def test_loop_never_imports_the_trainer() -> None:
     graph = import_graph()
     seen, todo = set(), ["pipeline.loop"]
