@@ -238,6 +238,27 @@ def test_conversational_groups_use_the_chat_template_and_mask_the_prompt(tiny_mo
     assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
 
 
+@pytest.mark.parametrize("style", ["conversational", "text"])
+def test_completions_cut_by_a_length_limit_learn_no_ending(style, tiny_model_dir, tmp_path):
+    data = conversational(TEXT_GROUPS) if style == "conversational" else TEXT_GROUPS
+    ended = make_trainer(tiny_model_dir, tmp_path / "a", data=data, max_steps=1)
+    open_ended = make_trainer(
+        tiny_model_dir, tmp_path / "b", data=data, max_steps=1, train_on_completion_end=False
+    )
+    tokenizer = ended.processing_class
+    for i, group in enumerate(TEXT_GROUPS["completions"]):
+        with_end, without = ended.train_dataset[i], open_ended.train_dataset[i]
+        assert with_end["prompt_ids"] == without["prompt_ids"]
+        for text, ids, cut in zip(group, with_end["completion_ids"], without["completion_ids"], strict=True):
+            assert tokenizer.decode(cut) == text  # the answer's own tokens and nothing after them
+            assert ids[: len(cut)] == cut and tokenizer.decode(ids[len(cut) :]) in (
+                "<|im_end|>\n",
+                tokenizer.eos_token,
+            )
+    losses = [t.train().training_loss for t in (ended, open_ended)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[0] != losses[1]
+
+
 def test_lora_trains_only_the_adapter(tiny_model_dir, tmp_path):
     from peft import LoraConfig
 

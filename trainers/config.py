@@ -51,6 +51,11 @@ class StableAlignmentConfig(TrainingArguments):
             completions whose prompt alone fills `max_length`), `"keep_end"` cuts the start of the prompt.
         pad_to_multiple_of (`int`, *optional*):
             If set, sequences are padded to a multiple of this value.
+        train_on_completion_end (`bool`, *optional*, defaults to `True`):
+            Whether each completion ends with the tokens that close it (the chat template's end of turn; EOS for text
+            completions), so the model learns where answers stop. Set it to `False` when the completions were cut by
+            a length limit rather than ended by their writer (the sandbox trims answers cut by `max_tokens` to their
+            last sentence): the model then does not learn to stop where the limit stopped them.
 
         > Parameters that control the training
 
@@ -154,6 +159,13 @@ class StableAlignmentConfig(TrainingArguments):
     pad_to_multiple_of: int | None = field(
         default=None,
         metadata={"help": "If set, sequences are padded to a multiple of this value."},
+    )
+    train_on_completion_end: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether each completion ends with the tokens that close it (end of turn, EOS); `False` for "
+            "completions cut by a length limit, so the model does not learn to stop where the limit stopped them."
+        },
     )
 
     # Parameters that control the training

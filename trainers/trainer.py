@@ -50,27 +50,34 @@ logger = get_logger(__name__)
 T = TypeVar("T")
 
 
-def tokenize_group(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def tokenize_group(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, completion_end: bool = True
+) -> dict[str, Any]:
     """Tokenize one comparison group into `prompt_ids`, `completion_ids` (one list per completion) and `scores`.
 
     Conversational groups go through the chat template (the prompt with the generation prompt, each completion as the
     following assistant turn); text completions get the EOS token appended when they lack it. The completions start
-    where the tokenized prompt and the tokenized prompt + completion diverge, as in TRL. The group must have passed
-    [`validate_groups`].
+    where the tokenized prompt and the tokenized prompt + completion diverge, as in TRL. Without `completion_end`
+    (`StableAlignmentConfig.train_on_completion_end`), a completion stops at its own text: the template's closing
+    tokens after an assistant turn (those of an empty turn) are left off, and text completions get no EOS. The group
+    must have passed [`validate_groups`].
     """
     prompt, completions, scores = example["prompt"], example["completions"], example["scores"]
     if is_conversational({"prompt": prompt}):
         prompt_ids = tokenizer.apply_chat_template(
             prompt, tokenize=True, add_generation_prompt=True, return_dict=True
         )["input_ids"]
-        full_ids = [
-            tokenizer.apply_chat_template(prompt + list(completion), tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
-            for completion in completions
-        ]
+
+        def template(turns: list[dict[str, str]]) -> list[int]:
+            return tokenizer.apply_chat_template(prompt + turns, tokenize=True, return_dict=True)["input_ids"]
+
+        full_ids = [template(list(completion)) for completion in completions]
+        if not completion_end:
+            empty = template([{"role": "assistant", "content": ""}])
+            closing = len(empty) - common_prefix_length(prompt_ids, empty)
+            full_ids = [ids[: len(ids) - closing] for ids in full_ids]
     else:
-        eos = tokenizer.eos_token
+        eos = tokenizer.eos_token if completion_end else ""
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = [
             tokenizer(prompt + (completion if completion.endswith(eos) else completion + eos))["input_ids"]
@@ -312,7 +319,7 @@ class StableAlignmentTrainer(_BaseTrainer):
         with global_then_local_main_first():
             dataset = dataset.map(
                 tokenize_group,
-                fn_kwargs={"tokenizer": processing_class},
+                fn_kwargs={"tokenizer": processing_class, "completion_end": args.train_on_completion_end},
                 num_proc=args.dataset_num_proc,
                 desc=f"Tokenizing {dataset_name} dataset",
             )
