@@ -77,10 +77,12 @@ def tokenize_group(
             closing = len(empty) - common_prefix_length(prompt_ids, empty)
             full_ids = [ids[: len(ids) - closing] for ids in full_ids]
     else:
-        eos = tokenizer.eos_token if completion_end else ""
+        eos = tokenizer.eos_token
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = [
-            tokenizer(prompt + (completion if completion.endswith(eos) else completion + eos))["input_ids"]
+            tokenizer(prompt + completion + (eos if completion_end and not completion.endswith(eos) else ""))[
+                "input_ids"
+            ]
             for completion in completions
         ]
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
