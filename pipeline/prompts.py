@@ -17,7 +17,7 @@ from pipeline.llm.ratings import SCALE, WorkedExample, rating_request
 from pipeline.memory import MemoryEntry
 from pipeline.world import BAD, GOOD
 
-PROMPT_VERSION = "sandbox-v5"
+PROMPT_VERSION = "sandbox-v6"
 
 SANDBOX_RULE = (
     "You are a member of a community of people who answer questions. Everything you say is seen "
@@ -174,6 +174,35 @@ def neighbour_rating_messages(question: str, answer: str, memories: Sequence[Mem
             "content": (
                 f"{context}Rate another member's answer.\n"
                 f"{rating_request(_SCALES['alignment'], _NEIGHBOUR_EXAMPLES, question, answer)}"
+            ),
+        },
+    ]
+
+
+# The reason is asked in a turn of its own, after the score is read from the rating prompt above:
+# with the worked examples in view, the embedded SmolLM2-135M quoted them in its reasons whatever they
+# said (sandbox-v5, make run r6: 108 of 216 reasons name "convenient", from the third example; 157 of
+# 216 quote words the rated draft does not hold). Without examples or memories (a neighbour quoted its
+# own earlier answers too) and told its rating, it writes about the answer: on r6's first 27 drafts
+# (54 ratings, the demo's sampling) no reason names "convenient" (v5: 21), 6 misquote (v5: 40) and 17
+# carry a flag (v5: 45). The score, read from the digits, is unchanged.
+_ALIGNMENT_ANCHORS = f"1: harmful, rude or dishonest; {SCALE}: kind, honest and helpful"
+
+
+def neighbour_reason_messages(question: str, answer: str, rating: float | None) -> list[Message]:
+    """A neighbour tells the centre why it gave its rating (``None``: no readable rating)."""
+    verdict = (
+        f"You rated their answer {round(rating)} out of {SCALE}"
+        if rating is not None
+        else "You are asked to rate their answer"
+    )
+    return [
+        {"role": "system", "content": SANDBOX_RULE},
+        {
+            "role": "user",
+            "content": (
+                f"Another member was asked: {question}\n\nThey answered: {answer.strip()}\n\n{verdict} for how "
+                f"well it aligns with shared social values ({_ALIGNMENT_ANCHORS}). In one sentence, tell them why."
             ),
         },
     ]

@@ -61,6 +61,7 @@ from pipeline.llm.base import (
     CacheMode,
     ChatBackend,
     CircuitOpen,
+    Completion,
     LLMError,
     Rating,
     Usage,
@@ -68,7 +69,7 @@ from pipeline.llm.base import (
 from pipeline.llm.cache import ResponseCache
 from pipeline.llm.factory import build_model, check_endpoints, open_cache
 from pipeline.llm.layers import CachedBackend, CircuitBreaker
-from pipeline.llm.ratings import SCALE
+from pipeline.llm.ratings import SCALE, trim_reason
 from pipeline.memory import AgentMemory, MemoryEntry
 from pipeline.plots import merge_run, round_summary, summary_table, write_summary
 from pipeline.quality import QualityConfig, record_flags, trim_to_sentence
@@ -188,8 +189,8 @@ class SimulationConfig:
     reason_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "longest neighbour reason, in tokens (a reason is one line); none: the agent's max_tokens. "
-            "A batch of ratings generates until its longest reason ends, so a cap bounds the batch"
+            "help": "longest neighbour reason, in tokens; none: the agent's max_tokens. "
+            "A batch of reasons generates until its longest reason ends, so a cap bounds the batch"
         },
     )
     radius: float | None = field(
@@ -586,30 +587,38 @@ class Simulation:
             usage += draft.usage
             record["draft"] = draft_text = complete_text(draft.text, "draft")
             partners = world.partners(agent, round_, config.k)
+
+            async def neighbour(partner: int) -> tuple[Rating, Completion]:
+                """The partner's score (its memories in view), then its reason in a turn of its own
+                (``prompts.neighbour_reason_messages``)."""
+                rating = await self.agent.rate(
+                    prompts.neighbour_rating_messages(
+                        question, draft_text, memories[partner].retrieve(question, config.top_n)
+                    ),
+                    scale=SCALE,
+                    sample_index=world.sample_index(round_, agent, f"rating-{partner}"),
+                    reason=False,
+                )
+                reason = await self.agent.complete(
+                    prompts.neighbour_reason_messages(question, draft_text, rating.score),
+                    sample_index=world.sample_index(round_, agent, f"reason-{partner}"),
+                    **reason_length,
+                )
+                return rating, reason
+
             results = await asyncio.gather(
-                *observers(draft_text),
-                *(
-                    self.agent.rate(
-                        prompts.neighbour_rating_messages(
-                            question, draft_text, memories[p].retrieve(question, config.top_n)
-                        ),
-                        scale=SCALE,
-                        sample_index=world.sample_index(round_, agent, f"rating-{p}"),
-                        **reason_length,
-                    )
-                    for p in partners
-                ),
-                return_exceptions=True,
+                *observers(draft_text), *(neighbour(p) for p in partners), return_exceptions=True
             )
             observe(results[:2], "before")
-            for partner, rating in zip(partners, results[2:], strict=True):
-                if isinstance(rating, Rating):
-                    usage += rating.usage
+            for partner, result in zip(partners, results[2:], strict=True):
+                if isinstance(result, tuple):
+                    rating, reason = result
+                    usage += rating.usage + reason.usage
                     record["feedback"].append(
                         {
                             "agent_id": partner,
                             "rating": rating.score,
-                            "reason": complete_text(rating.reason, "feedback"),
+                            "reason": complete_text(trim_reason(reason.text), "feedback"),
                             "raw": rating.raw,
                         }
                     )

@@ -137,7 +137,7 @@ def sandbox_server():
 class Call:
     """One call a :class:`RecordingBackend` answered."""
 
-    kind: str  # draft | revision | neighbour | observer
+    kind: str  # draft | revision | neighbour | reason | observer
     start: float
     end: float
     prompt: str  # the last message
@@ -163,6 +163,8 @@ class RecordingBackend(ChatBackend):
             return "observer"
         if "Rate another member's answer." in messages[-1]["content"]:
             return "neighbour"
+        if messages[-1]["content"].startswith("Another member was asked:"):
+            return "reason"
         return "revision" if "You answered this question before:" in messages[-1]["content"] else "draft"
 
     async def _call(self, messages: list, sample_index: int) -> Call:
@@ -303,6 +305,12 @@ def run_dir(tmp_path: Path) -> Path:
         "world:\n  size: 3\nbackend:\n  model: agent-lm\n  api_key: sk-secret\n"
     )
     return folder
+
+
+def calls_per_interaction(k: int = 2) -> int:
+    """Model calls of one interaction: draft and revision, two observer aspects before and after, and
+    each of ``k`` neighbours' rating and reason."""
+    return 2 + 2 * 2 + 2 * k
 
 
 def run_records(output: Path, features: Features | None = None) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import calls_per_interaction
 from conftest import run_records as records
 
 from pipeline.executors import ExecutorConfig, ray_options, slurm_script
@@ -139,14 +140,14 @@ def test_local_ranks_restart_a_killed_worker_and_resume_with_other_workers(tmp_p
     # A run stopped part way in one process, resumed by 3 workers: the same records.
     stopped = tmp_path / "stopped"
     argv = ["--config", str(config), "-o", str(stopped), "--no-progress"]
-    assert main([*argv, "--agent.call-budget", "300"]) == 1  # round 0 (216 calls) and a bit
+    assert main([*argv, "--agent.call-budget", "300"]) == 1  # round 0 (270 calls) and a bit
     partial = records(stopped)
     assert 0 < len(partial) < len(expected)
     calls = len(keyed_server.requests)
     assert main([*argv, "--executor", "local", "--workers", "3"]) == 0
     assert records(stopped) == expected
     # Each world's own cache answered what the stopped run had already asked.
-    assert len(keyed_server.requests) - calls <= 8 * (len(expected) - len(partial))
+    assert len(keyed_server.requests) - calls <= calls_per_interaction() * (len(expected) - len(partial))
     assert not files_holding(stopped, SECRET) and SECRET not in "".join(capfd.readouterr())
 
 
@@ -243,4 +244,6 @@ def test_the_worlds_of_a_rank_run_at_once_under_one_cap(tmp_path, recording_back
     assert min(c.start for c in bad) < max(c.end for c in good)  # neither world waits for the other
     calls = backend.calls
     peak = max(sum(c.start <= t < c.end for c in calls) for t in (c.start for c in calls))
-    assert peak == 5 and len(calls) == 2 * 9 * 8  # the one cap holds for both worlds together
+    assert (
+        peak == 5 and len(calls) == 2 * 9 * calls_per_interaction()
+    )  # the one cap holds for both worlds together

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import calls_per_interaction, sandbox_reply
 from conftest import run_records as records
-from conftest import sandbox_reply
 
 from pipeline.llm.testing import FAULTS, FakeOpenAIServer, FaultSchedule
 from pipeline.simulate import main
@@ -166,4 +166,6 @@ def test_retry_failed_rewinds_to_the_first_failed_round(tmp_path, healthy, expec
     # Only the affected worlds, from their first failed round, were run again (their caches
     # answered the calls that had succeeded).
     rerun = {(r["world_id"], r["round"]) for r in failed}
-    assert len(healthy.requests) - calls <= 8 * 9 * len(rerun | {(w, 1) for w, _ in rerun})
+    assert len(healthy.requests) - calls <= calls_per_interaction() * 9 * len(
+        rerun | {(w, 1) for w, _ in rerun}
+    )

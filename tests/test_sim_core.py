@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import calls_per_interaction
 from datasets import Dataset, DatasetDict, load_dataset
 from rank_bm25 import BM25Okapi
 
@@ -137,7 +138,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v5": "f3a893a736dca5bb376605ce763c5c391fe84a2b8585246bb7cc13fd1120098b"}
+PROMPT_HASHES = {"sandbox-v6": "788851abb97bb2cc43d4527ee0a1ebb49ad4ca6593a29f261c01af08bccbf87d"}
 
 
 def test_prompts_are_pinned_to_their_version():
@@ -147,6 +148,8 @@ def test_prompts_are_pinned_to_their_version():
         *(prompts.observer_messages(aspect, "Is it fair?", "Yes.") for aspect in ASPECTS),
         prompts.neighbour_rating_messages("Is it fair?", "Yes.", memories),
         prompts.neighbour_rating_messages("Is it fair?", "Yes.", []),
+        prompts.neighbour_reason_messages("Is it fair?", "Yes.", 5.6),
+        prompts.neighbour_reason_messages("Is it fair?", "Yes.", None),
         conversation,
         prompts.draft_messages("Is it fair?", []),
         prompts.revision_messages(
@@ -323,22 +326,34 @@ def test_back_scatter_order_and_concurrency(tmp_path: Path, recording_backend):
         middle = [
             c for c in backend.calls if c.kind in ("observer", "neighbour") and record["draft"] in c.prompt
         ]
+        reasons = [c for c in backend.calls if c.kind == "reason" and record["draft"] in c.prompt]
         (revision,) = [c for c in backend.calls if c.output == record["revision"]]
         after = [c for c in backend.calls if c.kind == "observer" and record["revision"] in c.prompt]
         assert sorted(c.kind for c in middle) == ["neighbour"] * config.k + ["observer"] * 2
         assert len(after) == 2 and revision.kind == "revision"
         assert draft.end <= min(c.start for c in middle)
         assert max(c.start for c in middle) < min(c.end for c in middle)  # the 2 + k ratings overlap
-        assert max(c.end for c in middle) <= revision.start and revision.end <= min(c.start for c in after)
+        # Each neighbour's reason is asked after its rating, told the rating, and feeds the revision.
+        assert len(reasons) == config.k and min(c.start for c in reasons) >= min(c.end for c in middle)
+        assert max(c.end for c in middle + reasons) <= revision.start
+        assert revision.end <= min(c.start for c in after)
         assert [f["agent_id"] for f in record["feedback"]] == world.partners(record["agent_id"], 0, config.k)
-        assert record["calls"] == 4 + 2 + config.k and record["prompt_tokens"] == 2 * 7 + 4 * 5 + config.k * 5
+        assert sorted(f["reason"] for f in record["feedback"]) == sorted(c.output for c in reasons)
+        for f in record["feedback"]:
+            (told,) = [c.prompt for c in reasons if c.output == f["reason"]]
+            if f["rating"] is None:
+                assert "You are asked to rate their answer" in told
+            else:
+                assert f"You rated their answer {round(f['rating'])} out of 7" in told
+        assert record["calls"] == calls_per_interaction(config.k)
+        assert record["prompt_tokens"] == 2 * 7 + 4 * 5 + config.k * (5 + 7)
         readable = [f["rating"] for f in record["feedback"] if f["rating"] is not None]
         if readable:
             assert f"{sum(readable) / len(readable):.1f} out of 7" in revision.prompt
         else:
             assert "None of the other members gave a readable rating" in revision.prompt
     # Observers see only the question and the answer: no memories. Neighbours and drafts do.
-    assert all("earlier" not in c.prompt for c in backend.calls if c.kind == "observer")
+    assert all("earlier" not in c.prompt for c in backend.calls if c.kind in ("observer", "reason"))
     assert all("earlier" in c.prompt for c in backend.calls if c.kind in ("neighbour", "draft"))
 
 
@@ -375,7 +390,7 @@ def test_budget_stop_keeps_finished_work_and_resume_completes_it(tmp_path: Path,
     _run(_config(tmp_path / "ref", rounds=3), recording_backend(delay=0.0))
 
     backend = recording_backend(delay=0.0, jitter=0.01)
-    backend.budget = 8 * 9 + 30  # round 0 completes, round 1 runs out part way
+    backend.budget = calls_per_interaction() * 9 + 30  # round 0 completes, round 1 runs out part way
     config = _config(tmp_path / "run", rounds=3)
     with pytest.raises(BudgetExceeded):
         _run(config, backend)
@@ -385,7 +400,7 @@ def test_budget_stop_keeps_finished_work_and_resume_completes_it(tmp_path: Path,
     resumed = recording_backend(delay=0.0)
     _run(config, resumed)
     assert run_records(tmp_path / "run") == run_records(tmp_path / "ref")
-    assert len(resumed.calls) == 8 * (27 - len(records))  # nothing done twice
+    assert len(resumed.calls) == calls_per_interaction() * (27 - len(records))  # nothing done twice
 
 
 def test_real_red_team_pool_and_bm25_recall(redteam_questions: Path) -> None:
@@ -417,7 +432,7 @@ def test_records_store_their_flags_and_calls_have_their_own_samples(tmp_path: Pa
     assert summary[0]["flags"]["truncated"] == 9 + 9 + 9 * config.k
     # The scripted answers carry their sample index: one per call, none shared.
     indices = [int(c.output.split()[1]) for c in backend.calls if c.kind != "observer"]
-    assert len(indices) == len(set(indices)) == 2 * 9 * (2 + config.k)
+    assert len(indices) == len(set(indices)) == 2 * 9 * (2 + 2 * config.k)
     world = config.worlds[0]
     assert (
         world.sample_index(0, 4, "draft")

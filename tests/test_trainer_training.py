@@ -475,3 +475,52 @@ def test_recipe_loads_groups_from_folders_and_files(tmp_path):
             {"role": "assistant", "content": " Honesty is kindness."}
         ]
     assert len(load_comparison_groups(str(tmp_path / "out"), "mixed")["test"]) == 1
+
+
+def test_group_by_length_batches_groups_of_similar_padded_length(tiny_model_dir, tmp_path):
+    # Groups whose padded rows (prompt + longest completion) are 4 short and 4 long, shuffled together.
+    short, long = " a", " a" + " word" * 60
+    data = {
+        "prompt": [("Q" + long if i % 2 else "Q") for i in range(8)],
+        "completions": [[short, short + " b"] for _ in range(8)],
+        "scores": [[5.0, 2.0] for _ in range(8)],
+    }
+    batches = {}
+    for strategy in ("random", "group_by_length"):
+        trainer = make_trainer(
+            tiny_model_dir,
+            tmp_path,
+            data=data,
+            per_device_train_batch_size=4,
+            train_sampling_strategy=strategy,
+        )
+        batches[strategy] = [batch["input_ids"].shape for batch in trainer.get_train_dataloader()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = sorted(
+        len(tokenizer(p + c)["input_ids"]) + 1 for p in data["prompt"] for c in data["completions"][0]
+    )
+    # Sorted by length, one batch holds the 4 long groups and the other the 4 short: each pads to its own longest.
+    assert sorted(batches["group_by_length"]) == [(8, lengths[7]), (8, lengths[-1])]
+    trainer = make_trainer(
+        tiny_model_dir,
+        tmp_path,
+        data=data,
+        per_device_train_batch_size=4,
+        train_sampling_strategy="group_by_length",
+    )
+    assert trainer.train_dataset["length"] == [lengths[-1] if i % 2 else lengths[7] for i in range(8)]
+    trainer.train()  # the length column reaches the collator, which ignores it
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_tokenization_cache_follows_the_functions_code_not_its_name():
+    from trainers.trainer import map_fingerprint
+
+    dataset = Dataset.from_dict({"x": [1, 2]})
+    first, second, same = {}, {}, {}
+    exec("def tokenize(example):\n    return {'y': example['x']}", first)
+    exec("def tokenize(example):\n    return {'y': example['x'] + 1}", second)
+    exec("def tokenize(example):\n    return {'y': example['x']}", same)
+    fingerprints = [map_fingerprint(dataset, ns["tokenize"], {"k": 1}) for ns in (first, second, same)]
+    assert fingerprints[0] != fingerprints[1] and fingerprints[0] == fingerprints[2]
+    assert map_fingerprint(dataset, first["tokenize"], {"k": 2}) != fingerprints[0]

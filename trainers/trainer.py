@@ -14,6 +14,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from transformers import (
     AutoTokenizer,
     DataCollator,
@@ -100,6 +101,25 @@ def keeps_completion_tokens(example: dict[str, Any], max_length: int | None, tru
     # `keep_end` cuts the prompt first, so only `keep_start` can truncate a completion away (all of them at once,
     # since they share the prompt).
     return max_length is None or truncation_mode == "keep_end" or len(example["prompt_ids"]) < max_length
+
+
+def padded_length(example: dict[str, Any], max_length: int | None, column: str = "length") -> dict[str, int]:
+    """The row length a group pads its batch to: its prompt and longest completion, truncated to `max_length`."""
+    length = len(example["prompt_ids"]) + max(len(ids) for ids in example["completion_ids"])
+    return {column: length if max_length is None else min(length, max_length)}
+
+
+LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")
+"""`train_sampling_strategy` values whose sampler reads a length per example (`length_column_name`)."""
+
+
+def map_fingerprint(dataset: Dataset, function: Callable[..., Any], kwargs: dict[str, Any]) -> str:
+    """A `Dataset.map` fingerprint keyed by the function's code, not its name.
+
+    `datasets` hashes a module-level function by reference, so a dataset prepared by an older version of
+    `tokenize_group` would otherwise be served from the cache after the function changed.
+    """
+    return Hasher.hash([dataset._fingerprint, function.__code__, kwargs])
 
 
 def load_pretrained(loader: Callable[..., T], name: str, **kwargs: Any) -> T:
@@ -317,13 +337,15 @@ class StableAlignmentTrainer(_BaseTrainer):
         # Before the first collective: a bad dataset stops every process alike, none is left waiting for another
         validate_groups(dataset, args.rating_scale, f"the {dataset_name} dataset")
         if "prompt_ids" in dataset.column_names:  # already prepared
-            return dataset
+            return self._add_lengths(dataset, args)
         with global_then_local_main_first():
+            tokenize_kwargs = {"tokenizer": processing_class, "completion_end": args.train_on_completion_end}
             dataset = dataset.map(
                 tokenize_group,
-                fn_kwargs={"tokenizer": processing_class, "completion_end": args.train_on_completion_end},
+                fn_kwargs=tokenize_kwargs,
                 num_proc=args.dataset_num_proc,
                 desc=f"Tokenizing {dataset_name} dataset",
+                new_fingerprint=map_fingerprint(dataset, tokenize_group, tokenize_kwargs),
             )
             num_groups = len(dataset)
             dataset = dataset.filter(
@@ -343,13 +365,34 @@ class StableAlignmentTrainer(_BaseTrainer):
             raise ValueError(
                 f"no {dataset_name} group is left after truncation to max_length={args.max_length}"
             )
-        return dataset
+        return self._add_lengths(dataset, args)
+
+    @staticmethod
+    def _add_lengths(dataset: Dataset, args: StableAlignmentConfig) -> Dataset:
+        """The padded row length of each group (`length_column_name`), for the samplers that batch groups of
+        similar length together: a group's completions share its prompt, so a batch pads every row to its
+        longest prompt + completion."""
+        if (
+            args.train_sampling_strategy not in LENGTH_STRATEGIES
+            or args.length_column_name in dataset.column_names
+        ):
+            return dataset
+        kwargs = {"max_length": args.max_length, "column": args.length_column_name}
+        return dataset.map(
+            padded_length,
+            fn_kwargs=kwargs,
+            num_proc=args.dataset_num_proc,
+            desc="Measuring group lengths",
+            new_fingerprint=map_fingerprint(dataset, padded_length, kwargs),
+        )
 
     def _set_signature_columns_if_needed(self):
-        # With `remove_unused_columns=True`, only these columns reach the collator; the raw text and any extra
-        # columns (kind, provenance) are dropped.
+        # With `remove_unused_columns=True`, only these columns reach the collator (which ignores the length); the raw
+        # text and any extra columns (kind, provenance) are dropped.
         if self._signature_columns is None:
             self._signature_columns = list(TOKENIZED_COLUMNS)
+            if self.args.train_sampling_strategy in LENGTH_STRATEGIES:
+                self._signature_columns.append(self.args.length_column_name)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # The loss is a mean over groups, so gradient accumulation must divide by the groups of all micro-batches
