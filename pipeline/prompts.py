@@ -165,17 +165,20 @@ def draft_messages(question: str, memories: Sequence[MemoryEntry]) -> list[Messa
 
 
 def neighbour_rating_messages(question: str, answer: str, memories: Sequence[MemoryEntry]) -> list[Message]:
-    """A neighbour rates the centre's draft from its own point of view (its own memories)."""
+    """A neighbour rates the centre's draft from its own point of view (its own memories).
+
+    The memories come after the worked examples, just before the answer to rate (up to sandbox-v5:
+    first): every neighbour rating then opens with the same instructions and examples, which the
+    in-process backend runs once per batch (``pipeline.llm.local``). Without memories the prompt is
+    the one whose separability was measured (see above).
+    """
     context = _memory_block(memories, "Answers you gave earlier to similar questions:")
+    if context:
+        context += "The answer to rate:\n"
+    request = rating_request(_SCALES["alignment"], _NEIGHBOUR_EXAMPLES, question, answer, context)
     return [
         {"role": "system", "content": SANDBOX_RULE},
-        {
-            "role": "user",
-            "content": (
-                f"{context}Rate another member's answer.\n"
-                f"{rating_request(_SCALES['alignment'], _NEIGHBOUR_EXAMPLES, question, answer)}"
-            ),
-        },
+        {"role": "user", "content": f"Rate another member's answer.\n{request}"},
     ]
 
 

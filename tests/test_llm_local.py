@@ -192,3 +192,34 @@ def test_a_reason_ends_at_its_line_break(tiny_model_dir: Path) -> None:
     for free, line in pairs:
         cut = free.find("\n")
         assert line == (free if cut < 0 else free[: cut + 1])
+
+
+def test_ratings_sharing_a_long_prefix_run_it_once_and_score_as_alone(tiny_model_dir: Path) -> None:
+    """Observer prompts share their instructions and worked examples: the batch runs that prefix once,
+    and every row still gets the distribution it gets on its own."""
+    answers = ["Be honest.", "Key their car, they deserve it.", "Maybe, if it suits you to return it at all."]
+
+    async def rate_all(backend: LocalBackend) -> list:
+        ratings = await asyncio.gather(
+            *(
+                backend.rate(observer_messages("alignment", "What should I do?", a), reason=False)
+                for a in answers
+            )
+        )
+        await backend.aclose()
+        return ratings
+
+    batched = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_batch_size=8))
+    single = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_batch_size=1))
+    together, alone = asyncio.run(rate_all(batched)), asyncio.run(rate_all(single))
+    assert batched.batch_sizes == [3] and single.batch_sizes == [1, 1, 1]
+    prompt = observer_messages("alignment", "What should I do?", "")
+    # The shared prefix is everything up to the answers, which differ from their first token.
+    expected = len(
+        batched.tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True)["input_ids"]
+    )
+    assert batched.shared_prefix_tokens and abs(batched.shared_prefix_tokens[0] - expected) < 8
+    assert single.shared_prefix_tokens == []
+    for b, s in zip(together, alone, strict=True):
+        assert b.distribution == pytest.approx(s.distribution, abs=1e-5)
+        assert b.usage.prompt_tokens == s.usage.prompt_tokens

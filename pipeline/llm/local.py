@@ -13,6 +13,8 @@ the score's expected value; the reason, when asked for, is then generated after
 Scoring calls read log-probabilities of given text in one forward pass: the next token's over a
 few candidates (batched with ratings that ask for the same tokens) and a continuation's summed over
 its tokens (continuations of any length share a batch; only the last positions' logits are kept).
+Ratings of one kind open with the same instructions and worked examples: a batch runs the prefix its
+prompts share once and each row only its own tokens after it.
 
 Sampling (temperature > 0) is seeded per request: each request draws its tokens from its own
 generator, seeded from the request (messages, prefill and ``sample_index``, :func:`request_seed`),
@@ -57,6 +59,9 @@ _SAMPLING_KEYS = frozenset({"temperature", "top_p", "max_tokens"})
 
 SAMPLER = "seeded-v2"
 """How sampled tokens are drawn (:class:`_SeededSampler`); part of the cache identity."""
+
+SHARED_PREFIX_MIN = 32
+"""Fewest prompt tokens common to a scoring batch that are run once for all of its rows (:meth:`LocalBackend._score`)."""
 
 
 @dataclass
@@ -238,6 +243,7 @@ class LocalBackend(ChatBackend):
         self.spec = spec
         self.model_name = model_name or str(model_path)
         self.batch_sizes: list[int] = []
+        self.shared_prefix_tokens: list[int] = []
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if not self.tokenizer.chat_template:
@@ -468,9 +474,9 @@ class LocalBackend(ChatBackend):
             with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
                 request.loop.call_soon_threadsafe(_resolve, request.future, result, error)
 
-    def _encode(self, batch: list[_Request]) -> tuple[Any, list[int]]:
-        """Left-padded input ids, attention mask and position ids of the prompts (plus prefills)."""
-        ids = [
+    def _prompt_ids(self, batch: list[_Request]) -> list[list[int]]:
+        """The token ids of each request's prompt through the chat template, then its prefill."""
+        return [
             self.tokenizer.encode(
                 self.tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False),
                 add_special_tokens=False,
@@ -478,22 +484,53 @@ class LocalBackend(ChatBackend):
             + r.prefill
             for r in batch
         ]
+
+    def _pad(self, ids: list[list[int]], start: int = 0) -> Any:
+        """Left-padded input ids, attention mask and position ids (counting from ``start``)."""
         inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(
             self.model.device
         )
         # Positions count real tokens only, so a padded prompt sees the same positions as alone.
-        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        return inputs, [len(i) for i in ids]
+        inputs["position_ids"] = start + (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return inputs
+
+    def _encode(self, batch: list[_Request]) -> tuple[Any, list[int]]:
+        """Left-padded input ids, attention mask and position ids of the prompts (plus prefills)."""
+        ids = self._prompt_ids(batch)
+        return self._pad(ids), [len(i) for i in ids]
 
     def _score(self, batch: list[_Request]) -> list[tuple[list[float], int]]:
-        """Each request's log-probabilities of the key's candidate tokens next, and its prompt length."""
+        """Each request's log-probabilities of the key's candidate tokens next, and its prompt length.
+
+        Prompts of one kind of rating share their system message, instructions and worked examples, most
+        of their tokens: a common prefix of at least ``SHARED_PREFIX_MIN`` tokens is run once and its keys
+        and values serve every row, which then runs only its own tokens after it.
+        """
         torch = self._torch
-        inputs, lengths = self._encode(batch)
+        ids = self._prompt_ids(batch)
+        shortest = min(len(i) for i in ids)
+        common = next(
+            (n for n, column in enumerate(zip(*ids, strict=False)) if len(set(column)) > 1), shortest
+        )
+        shared = min(common, shortest - 1)
         self.batch_sizes.append(len(batch))
         with torch.inference_mode():
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+            if len(batch) > 1 and shared >= SHARED_PREFIX_MIN:
+                prefix = torch.tensor([ids[0][:shared]], device=self.model.device)
+                cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(batch))
+                inputs = self._pad([i[shared:] for i in ids], start=shared)
+                seen = torch.ones(
+                    len(batch), shared, dtype=inputs["attention_mask"].dtype, device=prefix.device
+                )
+                inputs["attention_mask"] = torch.cat([seen, inputs["attention_mask"]], dim=1)
+                self.shared_prefix_tokens.append(shared)
+                logits = self.model(**inputs, cache=cache, logits_to_keep=1).logits
+            else:
+                logits = self.model(**self._pad(ids), logits_to_keep=1).logits
         digit_ids = list(batch[0].key[1])
-        return list(zip(torch.log_softmax(logits, dim=-1)[:, digit_ids].tolist(), lengths, strict=True))
+        logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)[:, digit_ids]
+        return list(zip(logprobs.tolist(), [len(i) for i in ids], strict=True))
 
     def _continuation(self, batch: list[_Request]) -> list[tuple[float, int]]:
         """Each request's prefill (its continuation) log-probability, summed over its tokens, and the

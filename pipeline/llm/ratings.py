@@ -54,13 +54,15 @@ def rating_answer(rating: int | str, reason: str) -> str:
     return f"{RATING_PREFIX} {rating}\n{REASON_PREFIX} {reason}"
 
 
-def rating_request(instruction: str, examples: Sequence[WorkedExample], question: str, answer: str) -> str:
-    """The instruction, the worked examples, then the answer to rate, in the form shown above."""
+def rating_request(
+    instruction: str, examples: Sequence[WorkedExample], question: str, answer: str, context: str = ""
+) -> str:
+    """The instruction, the worked examples, ``context``, then the answer to rate, in the form shown above."""
     shown = "".join(
         f"{QUESTION_PREFIX} {e.question}\n{ANSWER_PREFIX} {e.answer}\n{rating_answer(e.rating, e.reason)}\n\n"
         for e in examples
     )
-    return f"{instruction}\n\n{shown}{QUESTION_PREFIX} {question}\n{ANSWER_PREFIX} {answer}"
+    return f"{instruction}\n\n{shown}{context}{QUESTION_PREFIX} {question}\n{ANSWER_PREFIX} {answer}"
 
 
 def _word(prefix: str) -> str:
