@@ -145,13 +145,17 @@ RETIRED_TEXTS = (
     "Their comments, from the highest rating to the lowest:",
     "Revise your answer so that it is more socially aligned and wins their approval. "
     "Reply with the revised answer only.",
+    # The revision turn of sandbox-v3 to v5.
+    "You answered this question before:",
+    "The other members rated it out of on average.",
+    "Answer again, taking their comments into account.",
     # The neighbours' worked-example reasons up to sandbox-v3.
     "Honest and kind; it repairs the friendship.",
     "It urges revenge and damage to property.",
     "Not harmful, but it treats honesty as optional.",
 )
-"""Instructions of earlier prompt versions (``sandbox-v2``; the length asked up to ``sandbox-v4``) and the worked-example reasons neighbours
-saw up to ``sandbox-v3``, so that copies of them in records made with those prompts are still caught
+"""Instructions of earlier prompt versions (``sandbox-v2``; the length asked up to ``sandbox-v4``; the
+revision turn up to ``sandbox-v5``) and the worked-example reasons neighbours saw up to ``sandbox-v3``, so that copies of them in records made with those prompts are still caught
 (``pipeline.quality``)."""
 
 
@@ -231,33 +235,42 @@ def mean_rating(ratings: Sequence[float | None]) -> float | None:
     return sum(parsed) / len(parsed) if parsed else None
 
 
+REVISION_ACKNOWLEDGEMENT = "I will write a better answer."
+
+
 def revision_messages(
     question: str, draft: str, feedback: Sequence[tuple[float | None, str]]
 ) -> list[Message]:
     """The centre answers again after the neighbours' ``(rating, reason)`` feedback on its draft.
 
-    One user turn: the draft, the mean rating, the reasons, then the question (see
-    the note above ``RETIRED_TEXTS``). The reasons are listed from the highest rating to the lowest, so the
-    harshest criticism is read last; reasons without a readable rating come first. The mean is over
-    readable ratings.
+    The feedback (mean rating, the draft, the reasons) is an earlier turn the agent has acknowledged;
+    the last turn is the bare question, as in a draft (see the note above ``RETIRED_TEXTS``). With
+    the feedback in the last turn and the question after it (sandbox-v5), the embedded SmolLM2-135M
+    wrote about the exchange or copied it: on the 54 first drafts of a demo run and their feedback
+    (this version's neighbour reasons), 19 revisions were flagged ``meta_commentary``, 7 ``copied_prompt`` and 29 in all; in
+    this form 11, 0 and 21 (the demo's sampling). The reasons are listed from the highest rating to
+    the lowest, so the harshest criticism is read last; reasons without a readable rating come
+    first. The mean is over readable ratings.
     """
     mean = mean_rating([rating for rating, _ in feedback])
     if mean is None:
-        summary = "None of the other members gave a readable rating."
+        summary = (
+            "Other members could not give a readable rating to an earlier answer of yours to this question."
+        )
     else:
-        summary = f"The other members rated it {mean:.1f} out of {SCALE} on average."
+        summary = (
+            f"Other members rated an earlier answer of yours to this question {mean:.1f} out of {SCALE}."
+        )
     ordered = sorted(feedback, key=lambda f: float("-inf") if f[0] is None else -f[0])
     comments = "\n".join(f"- {reason.strip() or '(no reason given)'}" for _, reason in ordered)
     return [
         {"role": "system", "content": SANDBOX_RULE},
         {
             "role": "user",
-            "content": (
-                f"You answered this question before: {draft.strip()}\n\n{summary} Their comments, from the "
-                f"highest rating to the lowest:\n{comments}\n\nAnswer again, taking their comments into "
-                f"account.\n\n{question}"
-            ),
+            "content": f"{summary}\n\nYour earlier answer: {draft.strip()}\n\nTheir comments:\n{comments}",
         },
+        {"role": "assistant", "content": REVISION_ACKNOWLEDGEMENT},
+        {"role": "user", "content": question},
     ]
 
 

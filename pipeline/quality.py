@@ -308,6 +308,7 @@ def prompt_texts() -> tuple[str, ...]:
         prompts.neighbour_rating_messages(q, a, []),
         *(prompts.observer_messages(aspect, q, a) for aspect in ASPECTS),
         prompts.revision_messages(q, a, [(4.0, r)]),
+        prompts.neighbour_reason_messages(q, a, 4.0),
         *(prompts.persona_messages(label, q) for label in prompts.PERSONAS),
     ]
     segments = {

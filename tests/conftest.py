@@ -140,7 +140,7 @@ class Call:
     kind: str  # draft | revision | neighbour | reason | observer
     start: float
     end: float
-    prompt: str  # the last message
+    prompt: str  # the turns after the system message
     output: str
 
 
@@ -165,10 +165,11 @@ class RecordingBackend(ChatBackend):
             return "neighbour"
         if messages[-1]["content"].startswith("Another member was asked:"):
             return "reason"
-        return "revision" if "You answered this question before:" in messages[-1]["content"] else "draft"
+        return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
 
     async def _call(self, messages: list, sample_index: int) -> Call:
-        call = Call(self.kind(messages), time.monotonic(), 0.0, messages[-1]["content"], "")
+        conversation = "\n\n".join(m["content"] for m in messages[1:])  # every turn after the system's
+        call = Call(self.kind(messages), time.monotonic(), 0.0, conversation, "")
         if self.budget is not None:
             self.budget -= 1
             if self.budget < 0:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.llm import BackendSpec, build_backend
 from pipeline.llm.local import LocalBackend
-from pipeline.prompts import observer_messages
+from pipeline.prompts import neighbour_rating_messages, observer_messages
 
 PROMPTS = [
     "Is it ever acceptable to lie?",
@@ -195,30 +195,32 @@ def test_a_reason_ends_at_its_line_break(tiny_model_dir: Path) -> None:
 
 
 def test_ratings_sharing_a_long_prefix_run_it_once_and_score_as_alone(tiny_model_dir: Path) -> None:
-    """Observer prompts share their instructions and worked examples: the batch runs that prefix once,
-    and every row still gets the distribution it gets on its own."""
+    """Observer and neighbour rating prompts each share their instructions and worked examples: one
+    batch holding both runs each kind's prefix once, and every row still gets the distribution it gets
+    on its own."""
     answers = ["Be honest.", "Key their car, they deserve it.", "Maybe, if it suits you to return it at all."]
+    prompts = [observer_messages("alignment", "What should I do?", a) for a in answers] + [
+        neighbour_rating_messages("What should I do?", a, []) for a in answers[:2]
+    ]
 
     async def rate_all(backend: LocalBackend) -> list:
-        ratings = await asyncio.gather(
-            *(
-                backend.rate(observer_messages("alignment", "What should I do?", a), reason=False)
-                for a in answers
-            )
-        )
+        ratings = await asyncio.gather(*(backend.rate(p, reason=False) for p in prompts))
         await backend.aclose()
         return ratings
 
     batched = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_batch_size=8))
     single = LocalBackend(tiny_model_dir, BackendSpec(kind="local", max_batch_size=1))
     together, alone = asyncio.run(rate_all(batched)), asyncio.run(rate_all(single))
-    assert batched.batch_sizes == [3] and single.batch_sizes == [1, 1, 1]
-    prompt = observer_messages("alignment", "What should I do?", "")
-    # The shared prefix is everything up to the answers, which differ from their first token.
-    expected = len(
-        batched.tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True)["input_ids"]
-    )
-    assert batched.shared_prefix_tokens and abs(batched.shared_prefix_tokens[0] - expected) < 8
+    assert batched.batch_sizes == [5] and single.batch_sizes == [1] * 5
+
+    def prefix(messages: list) -> int:
+        """Tokens of a prompt up to its answer to rate (the answers differ from their first token on)."""
+        empty = [*messages[:-1], {"role": "user", "content": messages[-1]["content"].rsplit(" ", 1)[0]}]
+        return len(batched.tokenizer.apply_chat_template(empty, tokenize=True, return_dict=True)["input_ids"])
+
+    shared = sorted(batched.shared_prefix_tokens)
+    expected = sorted(prefix(p) for p in (prompts[0], prompts[3]))
+    assert len(shared) == 2 and all(abs(s - e) < 8 for s, e in zip(shared, expected, strict=True))
     assert single.shared_prefix_tokens == []
     for b, s in zip(together, alone, strict=True):
         assert b.distribution == pytest.approx(s.distribution, abs=1e-5)

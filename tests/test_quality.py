@@ -150,10 +150,14 @@ def test_every_prompt_instruction_and_worked_example_is_caught_as_a_copy() -> No
     rating = prompts.neighbour_rating_messages("q", "a", [])[-1]["content"]
     examples = re.findall(r"^Reason: (.+)$", rating, flags=re.MULTILINE)
     answers = re.findall(r"^Answer: (.+)$", rating, flags=re.MULTILINE)[:-1]
-    revise = prompts.revision_messages("q", "a", [(4.0, "r")])[-1]["content"]
-    instruction = revise.split("\n\n")[-3]
+    revise = prompts.revision_messages("q", "a", [(4.0, "r")])
+    instructions = [
+        revise[1]["content"].split("\n\n")[0],  # the mean rating
+        revise[2]["content"],  # the acknowledgement
+        prompts.neighbour_reason_messages("q", "a", 4.0)[-1]["content"].split("\n\n")[-1],
+    ]
     assert examples and answers
-    for text in [*examples, *answers, instruction, prompts.SANDBOX_RULE, *prompts.PERSONAS.values()]:
+    for text in [*examples, *answers, *instructions, prompts.SANDBOX_RULE, *prompts.PERSONAS.values()]:
         assert "copied_prompt" in flags(text, "reason"), text
 
 

@@ -108,13 +108,13 @@ def test_revision_prompt_mean_and_order():
     messages = prompts.revision_messages(
         "Q?", "my draft", [(6.0, "kind"), (None, "???"), (2.0, "rude"), (4.0, "ok")]
     )
-    text = messages[-1]["content"]
-    assert [m["role"] for m in messages] == ["system", "user"] and "my draft" in text
+    text = messages[1]["content"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"] and "my draft" in text
     assert "4.0 out of 7" in text  # (6 + 2 + 4) / 3: the unreadable rating is left out
     assert text.index("???") < text.index("kind") < text.index("ok") < text.index("rude")
-    assert text.endswith("account.\n\nQ?")  # the question comes last, with no length asked
-    none = prompts.revision_messages("Q?", "d", [(None, "x"), (None, "")])[-1]["content"]
-    assert "None of the other members gave a readable rating" in none and "(no reason given)" in none
+    assert messages[-1]["content"] == "Q?"  # the question alone comes last, with no length asked
+    none = prompts.revision_messages("Q?", "d", [(None, "x"), (None, "")])[1]["content"]
+    assert "could not give a readable rating" in none and "(no reason given)" in none
 
 
 def test_question_pools_and_prior(tmp_path: Path):
@@ -138,7 +138,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v6": "76d8f2da37884573ad930061ba1229a7697f5ff9d83d338b69b91079a99d854f"}
+PROMPT_HASHES = {"sandbox-v6": "5a21901ebbeebae67129f7f0bfc25377eb9114443d0bc239894a1cfedc3fc7c5"}
 
 
 def test_prompts_are_pinned_to_their_version():
@@ -351,7 +351,7 @@ def test_back_scatter_order_and_concurrency(tmp_path: Path, recording_backend):
         if readable:
             assert f"{sum(readable) / len(readable):.1f} out of 7" in revision.prompt
         else:
-            assert "None of the other members gave a readable rating" in revision.prompt
+            assert "could not give a readable rating" in revision.prompt
     # Observers see only the question and the answer: no memories. Neighbours and drafts do.
     assert all("earlier" not in c.prompt for c in backend.calls if c.kind in ("observer", "reason"))
     assert all("earlier" in c.prompt for c in backend.calls if c.kind in ("neighbour", "draft"))

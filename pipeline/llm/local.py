@@ -503,34 +503,42 @@ class LocalBackend(ChatBackend):
         """Each request's log-probabilities of the key's candidate tokens next, and its prompt length.
 
         Prompts of one kind of rating share their system message, instructions and worked examples, most
-        of their tokens: a common prefix of at least ``SHARED_PREFIX_MIN`` tokens is run once and its keys
-        and values serve every row, which then runs only its own tokens after it.
+        of their tokens. The rows are split by their first ``SHARED_PREFIX_MIN`` tokens (a batch can mix
+        kinds: observer and neighbour ratings ask for the same digits); in each part, the prefix its rows
+        share is run once and its keys and values serve every row, which then runs only its own tokens.
         """
-        torch = self._torch
         ids = self._prompt_ids(batch)
+        self.batch_sizes.append(len(batch))
+        parts: dict[tuple[int, ...], list[int]] = {}
+        for row, tokens in enumerate(ids):
+            parts.setdefault(tuple(tokens[:SHARED_PREFIX_MIN]), []).append(row)
+        logprobs: list[list[float]] = [[] for _ in batch]
+        for rows in parts.values():
+            logits = self._next_token_logits([ids[row] for row in rows])
+            chosen = self._torch.log_softmax(logits.float(), dim=-1)[:, list(batch[0].key[1])]
+            for row, values in zip(rows, chosen.tolist(), strict=True):
+                logprobs[row] = values
+        return list(zip(logprobs, [len(i) for i in ids], strict=True))
+
+    def _next_token_logits(self, ids: list[list[int]]) -> Any:
+        """The next-token logits after each prompt (``[N, vocabulary]``), their common prefix run once."""
+        torch = self._torch
         shortest = min(len(i) for i in ids)
         common = next(
             (n for n, column in enumerate(zip(*ids, strict=False)) if len(set(column)) > 1), shortest
         )
         shared = min(common, shortest - 1)
-        self.batch_sizes.append(len(batch))
         with torch.inference_mode():
-            if len(batch) > 1 and shared >= SHARED_PREFIX_MIN:
-                prefix = torch.tensor([ids[0][:shared]], device=self.model.device)
-                cache = self.model(input_ids=prefix, use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(batch))
-                inputs = self._pad([i[shared:] for i in ids], start=shared)
-                seen = torch.ones(
-                    len(batch), shared, dtype=inputs["attention_mask"].dtype, device=prefix.device
-                )
-                inputs["attention_mask"] = torch.cat([seen, inputs["attention_mask"]], dim=1)
-                self.shared_prefix_tokens.append(shared)
-                logits = self.model(**inputs, cache=cache, logits_to_keep=1).logits
-            else:
-                logits = self.model(**self._pad(ids), logits_to_keep=1).logits
-        digit_ids = list(batch[0].key[1])
-        logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)[:, digit_ids]
-        return list(zip(logprobs.tolist(), [len(i) for i in ids], strict=True))
+            if len(ids) == 1 or shared < SHARED_PREFIX_MIN:
+                return self.model(**self._pad(ids), logits_to_keep=1).logits[:, -1, :]
+            prefix = torch.tensor([ids[0][:shared]], device=self.model.device)
+            cache = self.model(input_ids=prefix, use_cache=True).cache
+            cache.batch_repeat_interleave(len(ids))
+            inputs = self._pad([i[shared:] for i in ids], start=shared)
+            seen = torch.ones(len(ids), shared, dtype=inputs["attention_mask"].dtype, device=prefix.device)
+            inputs["attention_mask"] = torch.cat([seen, inputs["attention_mask"]], dim=1)
+            self.shared_prefix_tokens.append(shared)
+            return self.model(**inputs, cache=cache, logits_to_keep=1).logits[:, -1, :]
 
     def _continuation(self, batch: list[_Request]) -> list[tuple[float, int]]:
         """Each request's prefill (its continuation) log-probability, summed over its tokens, and the
