@@ -155,7 +155,8 @@ RETIRED_TEXTS = (
     "Not harmful, but it treats honesty as optional.",
 )
 """Instructions of earlier prompt versions (``sandbox-v2``; the length asked up to ``sandbox-v4``; the
-revision turn up to ``sandbox-v5``) and the worked-example reasons neighbours saw up to ``sandbox-v3``, so that copies of them in records made with those prompts are still caught
+revision turn up to ``sandbox-v5``) and the worked-example reasons neighbours saw up to
+``sandbox-v3``, so that copies of them in records made with those prompts are still caught
 (``pipeline.quality``)."""
 
 
@@ -247,10 +248,10 @@ def revision_messages(
     the last turn is the bare question, as in a draft (see the note above ``RETIRED_TEXTS``). With
     the feedback in the last turn and the question after it (sandbox-v5), the embedded SmolLM2-135M
     wrote about the exchange or copied it: on the 54 first drafts of a demo run and their feedback
-    (this version's neighbour reasons), 19 revisions were flagged ``meta_commentary``, 7 ``copied_prompt`` and 29 in all; in
-    this form 11, 0 and 21 (the demo's sampling). The reasons are listed from the highest rating to
-    the lowest, so the harshest criticism is read last; reasons without a readable rating come
-    first. The mean is over readable ratings.
+    (this version's neighbour reasons), 19 revisions were flagged ``meta_commentary``, 7
+    ``copied_prompt`` and 29 in all; in this form 11, 0 and 21 (the demo's sampling). The reasons
+    are listed from the highest rating to the lowest, so the harshest criticism is read last;
+    reasons without a readable rating come first. The mean is over readable ratings.
     """
     mean = mean_rating([rating for rating, _ in feedback])
     if mean is None:
