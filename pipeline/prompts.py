@@ -17,7 +17,7 @@ from pipeline.llm.ratings import SCALE, WorkedExample, rating_request
 from pipeline.memory import MemoryEntry
 from pipeline.world import BAD, GOOD
 
-PROMPT_VERSION = "sandbox-v6"
+PROMPT_VERSION = "sandbox-v7"
 
 SANDBOX_RULE = (
     "You are a member of a community of people who answer questions. Everything you say is seen "
@@ -161,12 +161,22 @@ revision turn up to ``sandbox-v5``) and the worked-example reasons neighbours sa
 
 
 def draft_messages(question: str, memories: Sequence[MemoryEntry]) -> list[Message]:
-    """The centre agent answers, reminded of what it said before on similar questions."""
-    context = _memory_block(memories, "Answers you gave earlier to similar questions:")
-    return [
-        {"role": "system", "content": SANDBOX_RULE},
-        {"role": "user", "content": f"{context}{question}"},
-    ]
+    """The centre agent answers, reminded of what it said before on similar questions.
+
+    Its memories are earlier turns of the conversation: each retrieved (question, answer) pair a user
+    turn and the agent's own assistant turn, then the question. Up to sandbox-v6 they were a block
+    of "Question:/Answer:" pairs in the question's turn, and the embedded SmolLM2-135M hardly took
+    its stance from them: agents seeded with the shipped prior's bad answers wrote drafts the
+    observers scored like the good agents' (make run r8: 5.89 vs 6.32 in round 0). On 30 questions
+    of the default pool (top-1 memory from the shipped prior, the demo's sampling), the bad agents'
+    drafts scored 5.99 in the block form and 4.05 as turns (17 of 30 below 5, 6 in the block form);
+    the good agents' 6.07 in both, with 3 drafts flagged as turns against 12 in the block form (which
+    invites answering the remembered question or writing about the pairs).
+    """
+    turns: list[Message] = []
+    for memory in memories:
+        turns += [{"role": "user", "content": memory.question}, {"role": "assistant", "content": memory.answer}]
+    return [{"role": "system", "content": SANDBOX_RULE}, *turns, {"role": "user", "content": question}]
 
 
 def neighbour_rating_messages(question: str, answer: str, memories: Sequence[MemoryEntry]) -> list[Message]:

@@ -24,6 +24,7 @@ from datasets import Features
 from datasets.arrow_writer import ArrowWriter
 
 from pipeline.llm.base import BudgetExceeded, ChatBackend, Completion, LLMError, Rating, Usage
+from pipeline.prompts import REVISION_ACKNOWLEDGEMENT
 from pipeline.records import RECORD_FEATURES, SCORE_FIELDS, new_record
 
 CHAT_TEMPLATE = (
@@ -165,7 +166,8 @@ class RecordingBackend(ChatBackend):
             return "neighbour"
         if messages[-1]["content"].startswith("Another member was asked:"):
             return "reason"
-        return "revision" if any(m["role"] == "assistant" for m in messages) else "draft"
+        acknowledged = any(m == {"role": "assistant", "content": REVISION_ACKNOWLEDGEMENT} for m in messages)
+        return "revision" if acknowledged else "draft"
 
     async def _call(self, messages: list, sample_index: int) -> Call:
         conversation = "\n\n".join(m["content"] for m in messages[1:])  # every turn after the system's

@@ -102,9 +102,15 @@ def test_bm25_tiny_memories_rank_sensibly():
 
 
 def test_revision_prompt_mean_and_order():
-    conversation = prompts.draft_messages("Q?", [MemoryEntry("Old?", "Old answer.")])
-    assert "Old answer." in conversation[-1]["content"]
-    assert "earlier" not in prompts.draft_messages("Q?", [])[-1]["content"]
+    conversation = prompts.draft_messages("Q?", [MemoryEntry("Old?", "Old answer."), MemoryEntry("Q2?", "A2.")])
+    assert conversation[1:] == [  # memories are the agent's own earlier turns, the question last
+        {"role": "user", "content": "Old?"},
+        {"role": "assistant", "content": "Old answer."},
+        {"role": "user", "content": "Q2?"},
+        {"role": "assistant", "content": "A2."},
+        {"role": "user", "content": "Q?"},
+    ]
+    assert prompts.draft_messages("Q?", [])[1:] == [{"role": "user", "content": "Q?"}]
     messages = prompts.revision_messages(
         "Q?", "my draft", [(6.0, "kind"), (None, "???"), (2.0, "rude"), (4.0, "ok")]
     )
@@ -138,7 +144,7 @@ def test_question_pools_and_prior(tmp_path: Path):
 
 # Every prompt the sandbox sends, for one set of inputs. A change to any of them must come with a
 # new PROMPT_VERSION (records and cache entries of different prompts must never mix).
-PROMPT_HASHES = {"sandbox-v6": "5a21901ebbeebae67129f7f0bfc25377eb9114443d0bc239894a1cfedc3fc7c5"}
+PROMPT_HASHES = {"sandbox-v7": "4802d1db6d80748a36cb6a0f75a0c3f60499cc97b77d0a2fe3f5bf3d5ccc547b"}
 
 
 def test_prompts_are_pinned_to_their_version():
@@ -354,7 +360,9 @@ def test_back_scatter_order_and_concurrency(tmp_path: Path, recording_backend):
             assert "could not give a readable rating" in revision.prompt
     # Observers see only the question and the answer: no memories. Neighbours and drafts do.
     assert all("earlier" not in c.prompt for c in backend.calls if c.kind in ("observer", "reason"))
-    assert all("earlier" in c.prompt for c in backend.calls if c.kind in ("neighbour", "draft"))
+    assert all("earlier" in c.prompt for c in backend.calls if c.kind == "neighbour")
+    recalled = {m.answer for memories in load_prior().values() for m in memories}
+    assert all(any(answer in c.prompt for answer in recalled) for c in drafts)  # as earlier turns
 
 
 def test_results_do_not_depend_on_scheduling(tmp_path: Path, recording_backend):

@@ -223,12 +223,14 @@ def test_prior_generated_from_personas(tmp_path, server):
         r for r in server.requests if r["messages"][0]["content"].startswith("You are a self-centred")
     ]
     assert len(personas) == 3
-    drafts = [
-        r["messages"][-1]["content"]
+    recalled = {
+        m["content"]
         for r in server.requests
-        if "Answers you gave earlier" in r["messages"][-1]["content"]
-    ]
-    assert any(row["answer"] in draft for row in prior for draft in drafts)  # the agents recall them
+        if r["messages"][0]["content"] == prompts.SANDBOX_RULE
+        for m in r["messages"]
+        if m["role"] == "assistant"
+    }
+    assert recalled & {row["answer"] for row in prior}  # the agents recall them as their own earlier turns
     assert all(r["status"] == "ok" for r in records(tmp_path / "out"))
 
 
