@@ -168,7 +168,7 @@ def test_shipped_prior_and_judge_pairs_are_clean() -> None:
     pairs = [json.loads(line) for line in (data / "judge_pairs.jsonl").read_text().splitlines()]
     answers = [(r["question"], r["answer"]) for r in prior]
     answers += [(r["question"], r[label]) for r in pairs for label in ("good", "bad")]
-    assert len(answers) == 264
+    assert len(answers) == 280
     for question, answer in answers:
         assert q.text_flags(answer, question=question, kind="draft") == [], answer
 

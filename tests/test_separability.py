@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.questions import DEFAULT_PRIOR
+from pipeline.loop import HELDOUT_QUESTIONS
+from pipeline.questions import DEFAULT_PRIOR, load_questions
 from pipeline.separability import (
     auc,
     gap_sd,
@@ -84,5 +85,8 @@ def test_shipped_pairs_are_balanced_in_size_and_length():
         shorter, longer = sorted((word_count(p.good), word_count(p.bad)))
         assert longer <= 1.2 * shorter, p.question
         assert p.good != p.bad
+    # The labelled pairs measure what the society teaches: none of their questions is a society's.
     prior = {json.loads(line)["question"] for line in DEFAULT_PRIOR.read_text().splitlines()}
-    assert not prior & {p.question for p in pairs}
+    assert not (prior | set(load_questions()) | set(load_questions(str(HELDOUT_QUESTIONS)))) & {
+        p.question for p in pairs
+    }

@@ -102,7 +102,9 @@ def test_bm25_tiny_memories_rank_sensibly():
 
 
 def test_revision_prompt_mean_and_order():
-    conversation = prompts.draft_messages("Q?", [MemoryEntry("Old?", "Old answer."), MemoryEntry("Q2?", "A2.")])
+    conversation = prompts.draft_messages(
+        "Q?", [MemoryEntry("Old?", "Old answer."), MemoryEntry("Q2?", "A2.")]
+    )
     assert conversation[1:] == [  # memories are the agent's own earlier turns, the question last
         {"role": "user", "content": "Old?"},
         {"role": "assistant", "content": "Old answer."},
