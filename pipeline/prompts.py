@@ -175,7 +175,10 @@ def draft_messages(question: str, memories: Sequence[MemoryEntry]) -> list[Messa
     """
     turns: list[Message] = []
     for memory in memories:
-        turns += [{"role": "user", "content": memory.question}, {"role": "assistant", "content": memory.answer}]
+        turns += [
+            {"role": "user", "content": memory.question},
+            {"role": "assistant", "content": memory.answer},
+        ]
     return [{"role": "system", "content": SANDBOX_RULE}, *turns, {"role": "user", "content": question}]
 
 
