@@ -32,6 +32,7 @@ from pipeline.errors import UserError, run_command
 from pipeline.evaluate import (
     EvaluationResult,
     paired_differences,
+    per_question,
     plot_comparison,
     results_table,
     summarize,
@@ -199,8 +200,9 @@ def evaluations_result(evaluations: dict[str, list[dict[str, Any]]]) -> Evaluati
                 {**row, "model": row["model"] if len(evaluations) == 1 else f"{name}: {row['model']}"}
             )
     models = list(dict.fromkeys(row["model"] for row in rows))
-    summaries = [summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS]
-    paired = paired_differences(rows, models) if len(models) > 1 else []
+    scored = per_question(rows)
+    summaries = [summarize(m, a, [r[a] for r in scored if r["model"] == m]) for m in models for a in ASPECTS]
+    paired = paired_differences(scored, models) if len(models) > 1 else []
     return EvaluationResult(summaries=summaries, preference=[], paired=paired, pair_sets={})
 
 

@@ -1,6 +1,8 @@
 """``sandbox evaluate``: models answer held-out questions; memoryless observers score the answers.
 
-Each model answers every question of the pool once (greedy by default). The observers are the
+Each model answers every question of the pool once, greedily, by default; with ``--samples N`` it
+answers N times, sampled (``--temperature``, ``--top-p``) with the same seeds for every model, and a
+question's score is the mean over its answers. The observers are the
 sandbox's own (same prompts, same rating method: digit log-probabilities where the backend has
 them), so evaluation scores are comparable with the scores recorded during simulation. Several
 models (``--compare``) are scored on the same questions with the same observer and cache, and each
@@ -69,6 +71,7 @@ class EvaluationConfig:
 
     Generation:
         max_tokens, observer_max_tokens, concurrency, dtype.
+        samples, temperature, top_p: answers per question and how they are drawn.
 
     Preference accuracy (in-process models only):
         pairs, pairs_aspect, pairs_split: the labelled good/bad pairs and which of them.
@@ -109,6 +112,17 @@ class EvaluationConfig:
         default=None, metadata={"help": "warn when the pool overlaps this (the simulation's) pool"}
     )
     max_tokens: int = field(default=96, metadata={"help": "longest answer, in tokens"})
+    samples: int = field(
+        default=1,
+        metadata={
+            "help": "answers per question and model (sample i has the same seed for every model); a "
+            "question's score is the mean over its answers' readable scores"
+        },
+    )
+    temperature: float = field(
+        default=0.0, metadata={"help": "the models' sampling temperature; 0: greedy (one answer a question)"}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "the models' nucleus sampling mass"})
     observer_max_tokens: int = field(default=48, metadata={"help": "longest observer reason, in tokens"})
     concurrency: int = field(
         default=16, metadata={"help": "calls in flight per model (in-process models batch them all at once)"}
@@ -167,9 +181,13 @@ class EvaluationConfig:
             raise UserError("--names needs one distinct name per model")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be at least 1, got {self.limit}")
-        for name in ("max_tokens", "observer_max_tokens", "concurrency", "preference_batch_size"):
+        for name in ("max_tokens", "observer_max_tokens", "concurrency", "preference_batch_size", "samples"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise UserError("--samples above 1 needs --temperature above 0: greedy answers are all the same")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("--temperature must be at least 0 and --top-p in (0, 1]")
         if self.dtype not in typing.get_args(Dtype):
             raise UserError(f"--dtype must be one of {', '.join(typing.get_args(Dtype))}")
         if self.cache_mode not in typing.get_args(CacheMode):
@@ -261,11 +279,30 @@ class EvaluationResult:
         }
 
 
+def per_question(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model and question, in order, each aspect the mean of its answers' readable scores
+    (``None`` where none was read): the unit every summary and paired difference counts.
+
+    ``rows`` are answer rows (``model``, ``question``, a score per aspect): :func:`evaluate_models`'
+    rows, or those of several evaluations' ``scores/`` (``sandbox compare``).
+    """
+    answers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        answers.setdefault((row["model"], row["question"]), []).append(row)
+    means = []
+    for (model, question), group in answers.items():
+        row = {"model": model, "question": question}
+        for aspect in ASPECTS:
+            read = [r[aspect] for r in group if r[aspect] is not None and not math.isnan(r[aspect])]
+            row[aspect] = statistics.fmean(read) if read else None
+        means.append(row)
+    return means
+
+
 def paired_differences(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> list[PairedDifference]:
     """Each model after the first against the first, per aspect, over the questions both were asked.
 
-    ``rows`` are per-question rows (``model``, ``question``, a score per aspect): :func:`evaluate_models`'
-    rows, or those of several evaluations' ``scores/`` (``sandbox compare``).
+    ``rows`` are per-question rows (:func:`per_question`).
     """
     baseline, *others = models
     scores = {m: {r["question"]: r for r in rows if r["model"] == m} for m in models}
@@ -307,9 +344,9 @@ def measure_preference(
     return results
 
 
-async def _answer(backend: ChatBackend, question: str) -> tuple[str | None, str | None]:
+async def _answer(backend: ChatBackend, question: str, sample: int) -> tuple[str | None, str | None]:
     try:
-        completion = await backend.complete([{"role": "user", "content": question}])
+        completion = await backend.complete([{"role": "user", "content": question}], sample_index=sample)
     except LLMError as exc:
         return None, str(exc)
     return completion.text.strip(), None
@@ -326,34 +363,37 @@ async def _rate(observer: Judge, aspect: str, question: str, answer: str | None)
 
 
 async def _answers(
-    name: str, model: ChatBackend, questions: Sequence[str]
+    name: str, model: ChatBackend, asked: Sequence[tuple[str, int]]
 ) -> list[tuple[str | None, str | None]]:
-    # One question first: a model that cannot answer at all (unreachable endpoint, wrong model
+    # One answer first: a model that cannot answer at all (unreachable endpoint, wrong model
     # name) stops the evaluation with its error instead of filling a table with nulls.
-    first = await _answer(model, questions[0])
+    first = await _answer(model, *asked[0])
     if first[0] is None:
         raise BackendLoadError(f"model {name} is unreachable or fails every call: {first[1]}")
-    return [first, *await asyncio.gather(*(_answer(model, q) for q in questions[1:]))]
+    return [first, *await asyncio.gather(*(_answer(model, q, i) for q, i in asked[1:]))]
 
 
 async def evaluate_model(
-    name: str, spec: BackendSpec, observer: Judge, questions: Sequence[str]
+    name: str, spec: BackendSpec, observer: Judge, questions: Sequence[str], samples: int = 1
 ) -> list[dict[str, Any]]:
-    """Per-question rows for one model: its answer and each aspect's score and reason."""
+    """One row per answer of one model (``samples`` per question): the answer and each aspect's
+    score and reason."""
+    asked = [(question, sample) for question in questions for sample in range(samples)]
     async with build_backend(spec) as model:
-        answers = await _answers(name, model, questions)
+        answers = await _answers(name, model, asked)
     rated = await asyncio.gather(
         *(
             _rate(observer, aspect, q, a)
-            for q, (a, _) in zip(questions, answers, strict=True)
+            for (q, _), (a, _) in zip(asked, answers, strict=True)
             for aspect in ASPECTS
         )
     )
     rows = []
-    for i, (question, (answer, error)) in enumerate(zip(questions, answers, strict=True)):
+    for i, ((question, sample), (answer, error)) in enumerate(zip(asked, answers, strict=True)):
         row: dict[str, Any] = {
             "model": name,
             "question": question,
+            "sample": sample,
             "answer": answer or "",
             "error": error or "",
         }
@@ -370,14 +410,18 @@ async def evaluate_models(
     observer_spec: BackendSpec,
     questions: Sequence[str],
     judge: JudgeConfig | None = None,
+    samples: int = 1,
 ) -> list[dict[str, Any]]:
-    """Per-question rows of every model, in order, all rated by one observer and ``judge``."""
+    """Answer rows of every model, in order, all rated by one observer and ``judge``."""
     rows: list[dict[str, Any]] = []
     async with build_backend(observer_spec) as backend:
         observer = Judge(backend, judge)
         for name, spec in models.items():
-            print(f"evaluating {name} on {len(questions)} questions ...", file=sys.stderr, flush=True)
-            rows += await evaluate_model(name, spec, observer, questions)
+            answers = f" ({samples} answers each)" if samples > 1 else ""
+            print(
+                f"evaluating {name} on {len(questions)} questions{answers} ...", file=sys.stderr, flush=True
+            )
+            rows += await evaluate_model(name, spec, observer, questions, samples)
     return rows
 
 
@@ -489,7 +533,7 @@ def warn_overlap(questions: Sequence[str], other_pool: str) -> int:
 
 
 def save(rows: list[dict[str, Any]], result: EvaluationResult, output: Path) -> None:
-    """Write per-question scores (a ``datasets`` folder), the results (JSON and table) and the plot."""
+    """Write the answers' scores (a ``datasets`` folder), the results (JSON and table) and the plot."""
     from datasets import Dataset
 
     Dataset.from_list(rows).save_to_disk(str(output / "scores"))
@@ -540,18 +584,20 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
         "cache_path": config.cache,
         "cache_mode": config.cache_mode,
     }
-    models = {
-        name: backend_spec(ref, max_tokens=config.max_tokens, **common) for name, ref in config.models.items()
-    }
+    sampling = {"max_tokens": config.max_tokens, "temperature": config.temperature, "top_p": config.top_p}
+    models = {name: backend_spec(ref, **sampling, **common) for name, ref in config.models.items()}
     observer = backend_spec(config.observer, max_tokens=config.observer_max_tokens, **common)
     output = _make_output(config.output_dir)
-    rows = asyncio.run(evaluate_models(models, observer, questions, config.judge))
+    rows = asyncio.run(evaluate_models(models, observer, questions, config.judge, config.samples))
+    scored = per_question(rows)
     result = EvaluationResult(
-        summaries=[summarize(m, a, [r[a] for r in rows if r["model"] == m]) for m in models for a in ASPECTS],
+        summaries=[
+            summarize(m, a, [r[a] for r in scored if r["model"] == m]) for m in models for a in ASPECTS
+        ],
         preference=measure_preference(
             models, {k: pairs for k, (_, pairs) in pair_sets.items()}, config.preference_batch_size
         ),
-        paired=paired_differences(rows, list(models)),
+        paired=paired_differences(scored, list(models)),
         pair_sets={k: description for k, (description, _) in pair_sets.items()},
     )
     save(rows, result, output)

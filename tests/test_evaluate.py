@@ -71,6 +71,49 @@ def test_compare_two_models(tiny_model_dir: Path, pool: Path, tmp_path: Path, ca
     assert (output / "evaluation.png").stat().st_size > 1000
 
 
+def test_sampled_answers_count_once_per_question(tiny_model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    output = tmp_path / "eval"
+    config = evaluate.EvaluationConfig(
+        compare=[str(tiny_model_dir), f"{tiny_model_dir}/"],
+        names=["a", "b"],
+        questions=str(pool),
+        observer=str(tiny_model_dir),
+        max_tokens=8,
+        samples=3,
+        temperature=1.0,
+        pairs=None,
+        output=str(output),
+    )
+    result = evaluate.run_evaluation(config)
+    rows = load_from_disk(str(output / "scores")).to_list()
+    assert len(rows) == 18 and sorted({r["sample"] for r in rows}) == [0, 1, 2]  # 3 questions x 3 x 2 models
+    answers = {(r["model"], r["question"], r["sample"]): r["answer"] for r in rows}
+    # Sampled: one question's answers differ; seeded per sample, so the same weights answer alike.
+    assert any(len({answers["a", q, i] for i in range(3)}) > 1 for q in {r["question"] for r in rows})
+    assert all(answers["b", q, i] == text for (m, q, i), text in answers.items() if m == "a")
+    # The unit is the question: a model's mean is over its 3 per-question means of 3 answers each.
+    for summary in result.summaries:
+        own = [r for r in rows if r["model"] == summary.model]
+        means = [
+            sum(r[summary.aspect] for r in own if r["question"] == q) / 3
+            for q in dict.fromkeys(r["question"] for r in own)
+        ]
+        assert summary.n == 3 and math.isclose(summary.mean, sum(means) / 3)
+    assert [(d.n, d.mean) for d in result.paired] == [(3, 0.0)] * len(evaluate.ASPECTS)
+
+
+def test_per_question_means_skip_unread_scores() -> None:
+    rows = [
+        {"model": "m", "question": "q1", "alignment": 6.0, "engagement": None},
+        {"model": "m", "question": "q2", "alignment": 3.0, "engagement": 4.0},
+        {"model": "m", "question": "q1", "alignment": 2.0, "engagement": float("nan")},
+    ]
+    assert evaluate.per_question(rows) == [
+        {"model": "m", "question": "q1", "alignment": 4.0, "engagement": None},
+        {"model": "m", "question": "q2", "alignment": 3.0, "engagement": 4.0},
+    ]
+
+
 def test_summary_statistics() -> None:
     s = evaluate.summarize("m", "alignment", [2.0, 4.0, None, 6.0])
     assert s.n == 4 and s.mean == 4.0 and s.null_share == 0.25
@@ -201,6 +244,9 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
             {"model": "a", "preference_batch_size": 0, "output": "o"},
             "--preference-batch-size must be at least 1",
         ),
+        ({"model": "a", "samples": 0, "output": "o"}, "--samples must be at least 1"),
+        ({"model": "a", "samples": 2, "output": "o"}, "--samples above 1 needs --temperature above 0"),
+        ({"model": "a", "top_p": 0.0, "temperature": 1.0, "output": "o"}, "--top-p in"),
     ],
 )
 def test_config_refuses_bad_settings(fields: dict, expected: str) -> None:
