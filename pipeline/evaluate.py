@@ -225,7 +225,7 @@ class Summary:
     n: int
     mean: float | None
     ci95: float | None  # half-width of the normal-approximation 95% interval of the mean
-    null_share: float  # answers whose rating could not be read (or whose call failed)
+    null_share: float  # questions with no readable rating of any answer (unreadable or failed calls)
 
 
 def summarize(model: str, aspect: str, scores: Sequence[float | None]) -> Summary:
