@@ -49,6 +49,7 @@ from trainers.preference import (
     PreferencePair,
     Scorer,
     group_pairs,
+    is_read,
     labelled_pairs,
     paired_difference,
 )
@@ -229,7 +230,7 @@ class Summary:
 
 
 def summarize(model: str, aspect: str, scores: Sequence[float | None]) -> Summary:
-    read = [s for s in scores if s is not None and not math.isnan(s)]
+    read = [s for s in scores if is_read(s)]
     mean = statistics.fmean(read) if read else None
     ci = Z_95 * statistics.stdev(read) / math.sqrt(len(read)) if len(read) > 1 else None
     null_share = 1 - len(read) / len(scores) if scores else 0.0
@@ -293,7 +294,7 @@ def per_question(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, question), group in answers.items():
         row = {"model": model, "question": question}
         for aspect in ASPECTS:
-            read = [r[aspect] for r in group if r[aspect] is not None and not math.isnan(r[aspect])]
+            read = [r[aspect] for r in group if is_read(r[aspect])]
             row[aspect] = statistics.fmean(read) if read else None
         means.append(row)
     return means
@@ -417,10 +418,8 @@ async def evaluate_models(
     async with build_backend(observer_spec) as backend:
         observer = Judge(backend, judge)
         for name, spec in models.items():
-            answers = f" ({samples} answers each)" if samples > 1 else ""
-            print(
-                f"evaluating {name} on {len(questions)} questions{answers} ...", file=sys.stderr, flush=True
-            )
+            each = f" ({samples} answers each)" if samples > 1 else ""
+            print(f"evaluating {name} on {len(questions)} questions{each} ...", file=sys.stderr, flush=True)
             rows += await evaluate_model(name, spec, observer, questions, samples)
     return rows
 

@@ -122,11 +122,12 @@ PERSONAS = {
 }
 
 
-def _memory_block(memories: Sequence[MemoryEntry], intro: str) -> str:
+def _memory_block(memories: Sequence[MemoryEntry]) -> str:
+    """A neighbour's memories as a block of pairs, before the answer it rates (none: empty)."""
     if not memories:
         return ""
     pairs = "\n\n".join(f"Question: {m.question}\nAnswer: {m.answer}" for m in memories)
-    return f"{intro}\n\n{pairs}\n\n"
+    return f"Answers you gave earlier to similar questions:\n\n{pairs}\n\nThe answer to rate:\n"
 
 
 # Answer prompts end with the question itself: a small model then answers the question instead of
@@ -190,10 +191,9 @@ def neighbour_rating_messages(question: str, answer: str, memories: Sequence[Mem
     in-process backend runs once per batch (``pipeline.llm.local``). Without memories the prompt is
     the one whose separability was measured (see above).
     """
-    context = _memory_block(memories, "Answers you gave earlier to similar questions:")
-    if context:
-        context += "The answer to rate:\n"
-    request = rating_request(_SCALES["alignment"], _NEIGHBOUR_EXAMPLES, question, answer, context)
+    request = rating_request(
+        _SCALES["alignment"], _NEIGHBOUR_EXAMPLES, question, answer, _memory_block(memories)
+    )
     return [
         {"role": "system", "content": SANDBOX_RULE},
         {"role": "user", "content": f"Rate another member's answer.\n{request}"},

@@ -111,13 +111,14 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
-def _read(score: float | None) -> bool:
+def is_read(score: float | None) -> bool:
+    """Whether a score was read: neither missing (``None``) nor NaN."""
     return score is not None and not math.isnan(score)
 
 
 def paired_difference(baseline: Sequence[float | None], other: Sequence[float | None]) -> Estimate:
     """Mean of ``other[i] - baseline[i]`` over the items where both are read, with a 95% t interval."""
-    diffs = [o - b for b, o in zip(baseline, other, strict=True) if _read(b) and _read(o)]
+    diffs = [o - b for b, o in zip(baseline, other, strict=True) if is_read(b) and is_read(o)]
     if not diffs:
         return Estimate(None, None, None, 0)
     mean = statistics.fmean(diffs)
