@@ -80,6 +80,9 @@ def main(script_args: ScriptArguments, training_args: StableAlignmentConfig, mod
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Every process tears its process group down together, after the main process has written everything: a
+    # process that leaves while its peer is still saving can abort at exit (seen once with DDP over gloo on CPU).
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
 
 

@@ -3,7 +3,7 @@ one process, also when a worker process is killed mid-world (SIGKILL from the lo
 its N-th request: a deterministic trigger) and when a run is resumed with another --workers.
 
 The Ray cluster is a real local one (2 CPUs, 127.0.0.1, no dashboard, usage stats off), started
-once for the whole test run by the session fixture ``ray_cluster`` and shut down by it.
+once for this module by the fixture ``ray_cluster`` and shut down by it before other modules run.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ KEY_ENV = "SANDBOX_EXECUTOR_TEST_KEY"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Path]:
-    """A local Ray cluster for the whole test run; yields its temporary folder (its logs)."""
+    """A local Ray cluster for this module's tests, stopped before other modules run; yields its temporary folder."""
     ray = pytest.importorskip("ray")
     saved = {name: os.environ.get(name) for name in (KEY_ENV, "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")}
     # Workers inherit the driver's environment: the key reaches them without Ray carrying it.
