@@ -100,6 +100,17 @@ def test_sampled_answers_count_once_per_question(tiny_model_dir: Path, pool: Pat
         ]
         assert summary.n == 3 and math.isclose(summary.mean, sum(means) / 3)
     assert [(d.n, d.mean) for d in result.paired] == [(3, 0.0)] * len(evaluate.ASPECTS)
+    # Preference accuracy on the first model's best- vs worst-scored answer of each question where they differ.
+    pairs = []
+    for q in dict.fromkeys(r["question"] for r in rows):
+        own = [r for r in rows if r["model"] == "a" and r["question"] == q]
+        best, worst = max(own, key=lambda r: r["alignment"]), min(own, key=lambda r: r["alignment"])
+        if best["alignment"] > worst["alignment"]:
+            pairs.append((best["answer"], worst["answer"]))
+    assert pairs and result.pair_sets == {"sampled": "a's held-out answers (best vs worst of 3)"}
+    (pa, pb) = result.preference
+    assert (pa.model, pa.pairs, pa.n) == ("a", "sampled", len(pairs)) and 0 <= pa.accuracy <= 1
+    assert (pb.pairs, pb.n, pb.accuracy) == ("sampled", pa.n, pa.accuracy)  # the same weights, the same pairs
 
 
 def test_per_question_means_skip_unread_scores() -> None:

@@ -56,6 +56,22 @@ def test_preference_accuracy_matches_hand_computed_nlls(tiny_model_dir: Path) ->
     assert (result.low, result.high) == pytest.approx(preference.wilson_interval(wins, 3))
 
 
+def test_autocast_scorer_runs_its_layers_in_bfloat16_over_float32_weights(tiny_model_dir: Path) -> None:
+    pairs = [PreferencePair(question_prompt(q), good, bad) for q, good, bad in PAIRS]
+    nlls = {}
+    for autocast in (None, "bfloat16"):
+        scorer = preference.Scorer.load(tiny_model_dir, autocast=autocast)
+        seen = set()
+        layer = scorer.model.model.layers[0].mlp.down_proj
+        hook = layer.register_forward_hook(lambda module, inputs, output, seen=seen: seen.add(output.dtype))
+        nlls[autocast] = scorer.pair_nlls(pairs, batch_size=2)
+        hook.remove()
+        assert layer.weight.dtype == torch.float32
+        assert seen == {torch.bfloat16 if autocast else torch.float32}
+    for (good, bad), (good32, bad32) in zip(nlls["bfloat16"], nlls[None], strict=True):
+        assert good == pytest.approx(good32, abs=1e-2) and bad == pytest.approx(bad32, abs=1e-2)
+
+
 def test_ties_count_half() -> None:
     result = preference.preference_from_nlls([1.0, 2.0, 3.0], [2.0, 2.0, 1.0])
     assert (result.value, result.n) == (0.5, 3)
@@ -148,3 +164,28 @@ def test_group_pairs_take_best_and_worst_of_imitation_groups(tmp_path: Path) -> 
     ]
     with pytest.raises(UserError, match="not a `sandbox transform` output"):
         preference.group_pairs(tmp_path / "imitation")
+
+
+def test_answer_pairs_take_best_and_worst_answer_of_one_model() -> None:
+    def row(model: str, question: str, answer: str, alignment: float | None) -> dict:
+        return {"model": model, "question": question, "answer": answer, "alignment": alignment}
+
+    rows = [
+        row("base", "q1", "middle", 4.0),
+        row("base", "q1", "best", 6.5),
+        row("base", "q1", "worst", 2.0),
+        row("base", "q1", "unread", None),
+        row("base", "q1", "", 1.0),  # no answer (a failed call): not a candidate
+        row("trained", "q1", "other model's", 7.0),
+        row("base", "q2", "same", 3.0),
+        row("base", "q2", "also same", 3.0),
+        row("base", "q3", "alone", 5.0),
+        row("base", "q4", "bad", float("nan")),
+        row("base", "q4", "good", 5.5),
+        row("base", "q4", "poor", 1.5),
+    ]
+    assert preference.answer_pairs(rows, "base") == [
+        PreferencePair(preference.question_prompt("q1"), "best", "worst"),
+        PreferencePair(preference.question_prompt("q4"), "good", "poor"),
+    ]
+    assert preference.answer_pairs(rows, "trained") == []

@@ -22,8 +22,8 @@ def _summary(base: float, trained: float, heldout: tuple[float, float], alignmen
         "preference_accuracy": [
             {"model": b, "pairs": "labelled", "accuracy": base},
             {"model": t, "pairs": "labelled", "accuracy": trained},
-            {"model": b, "pairs": "heldout_groups", "accuracy": heldout[0]},
-            {"model": t, "pairs": "heldout_groups", "accuracy": heldout[1]},
+            {"model": b, "pairs": "sampled", "accuracy": heldout[0]},
+            {"model": t, "pairs": "sampled", "accuracy": heldout[1]},
         ],
         "paired_differences": [
             {
@@ -51,4 +51,20 @@ def test_goals_not_met_name_what_fell() -> None:
     gain, alignment, fell = lines[-3:]
     assert "+5.0 points" in gain and gain.rstrip().endswith("not met")
     assert alignment.rstrip().endswith("not met")
-    assert "heldout_groups accuracy, engagement score" in fell and fell.rstrip().endswith("not met")
+    assert "sampled accuracy, engagement score" in fell and fell.rstrip().endswith("not met")
+
+
+def test_printed_evaluate_command_is_the_evaluation_it_runs() -> None:
+    import shlex
+
+    from pipeline.argparsing import parse
+    from pipeline.evaluate import EvaluationConfig
+
+    run_all = _run_all()
+    command = shlex.split(run_all.evaluate_command())
+    assert command[:2] == ["sandbox", "evaluate"]
+    printed, _ = parse(EvaluationConfig, command[2:], "sandbox evaluate", "")
+    runs = run_all.evaluation()
+    for name in ("compare", "names", "questions", "dtype", "samples", "temperature", "top_p", "concurrency"):
+        assert getattr(printed, name) == getattr(runs, name), name
+    assert printed.output_dir == runs.output_dir

@@ -9,10 +9,12 @@ and the imitation groups ask it the same way), the answer is the assistant turn 
 its tokens are everything the chat template adds after the prompt (the answer, the end-of-turn
 token and whatever else the template writes after it). The NLL is averaged over those tokens.
 
-Two sets of pairs: the labelled pairs shipped for the judge (:mod:`pipeline.separability`, one
-aspect and one half), and comparison groups of a ``sandbox transform`` output built from held-out
-questions, where a group's best-scored and worst-scored answers make the pair (judge-labelled, so
-a style the judge likes can win there; groups whose answers all score the same are left out).
+Three sets of pairs: the labelled pairs shipped for the judge (:mod:`pipeline.separability`, one
+aspect and one half); comparison groups of a ``sandbox transform`` output built from held-out
+questions, where a group's best-scored and worst-scored answers make the pair; and one model's
+sampled answers to held-out questions (``sandbox evaluate --samples``), the best- and worst-scored
+answer to a question making the pair. The last two are judge-labelled, so a style the judge likes
+can win there; groups whose answers all score the same are left out.
 
 **Intervals.** The accuracy's 95% interval is the Wilson score interval: with ``p`` the share of
 ``n`` pairs and ``z`` the normal quantile, the centre is ``(p + z²/2n) / (1 + z²/n)`` and the
@@ -185,23 +187,48 @@ def group_pairs(folder: str | Path) -> list[PreferencePair]:
     return pairs
 
 
+def answer_pairs(
+    rows: Sequence[dict[str, Any]], model: str, aspect: str = "alignment"
+) -> list[PreferencePair]:
+    """Best- vs worst-scored of one model's answers to each question (``sandbox evaluate``'s answer rows:
+    ``model``, ``question``, ``answer``, a score per aspect).
+
+    Unanswered questions, answers without a readable score and questions whose answers all score the
+    same are left out; of equal scores, the first answer counts.
+    """
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["model"] == model and row["answer"] and is_read(row[aspect]):
+            answers.setdefault(row["question"], []).append(row)
+    pairs = []
+    for question, group in answers.items():
+        best = max(group, key=lambda r: r[aspect])
+        worst = min(group, key=lambda r: r[aspect])
+        if best[aspect] > worst[aspect]:
+            pairs.append(PreferencePair(question_prompt(question), best["answer"], worst["answer"]))
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------ scorer
 
 
 class Scorer:
     """A causal LM that scores answers with the trainer's mean token NLL (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, autocast: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        # A dtype name: forward passes under torch.autocast in it, as bf16 training computes the same NLL
+        self.autocast = autocast
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.collator = DataCollatorForComparisonGroups(pad_token_id=tokenizer.pad_token_id)
         add_fused_lm_head(model)
 
     @classmethod
-    def load(cls, path: str | Path) -> Scorer:
-        """Load a model folder (or Hub name) in float32 on CPU, or the GPU's own dtype there."""
+    def load(cls, path: str | Path, autocast: str | None = None) -> Scorer:
+        """Load a model folder (or Hub name) in float32 on CPU, or the GPU's own dtype there; with ``autocast``
+        (a dtype name such as ``"bfloat16"``) its forward passes run under autocast in that dtype."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,7 +238,7 @@ class Scorer:
         if not tokenizer.chat_template:
             raise UserError(f"{path}: the tokenizer has no chat template; use an instruction-tuned model")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, autocast)
 
     def _tokenize(self, pair: PreferencePair) -> dict[str, Any]:
         answers = [[{"role": "assistant", "content": text}] for text in (pair.good, pair.bad)]
@@ -235,7 +262,12 @@ class Scorer:
             batch = self.collator([examples[i] for i in chunk])
             input_ids = batch["input_ids"].to(self.model.device)
             completion_mask = batch["completion_mask"].to(self.model.device)
-            with torch.inference_mode():
+            autocast = torch.autocast(
+                self.model.device.type,
+                dtype=getattr(torch, self.autocast or "float32"),
+                enabled=self.autocast is not None,
+            )
+            with torch.inference_mode(), autocast:
                 outputs = self.model(
                     input_ids=input_ids,
                     attention_mask=batch["attention_mask"].to(self.model.device),
