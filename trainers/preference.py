@@ -257,16 +257,16 @@ class Scorer:
             key=lambda i: len(examples[i]["prompt_ids"]) + max(map(len, examples[i]["completion_ids"])),
         )
         nlls: list[tuple[float, float]] = [(math.nan, math.nan)] * len(examples)
+        autocast = torch.autocast(
+            self.model.device.type,
+            dtype=getattr(torch, self.autocast or "float32"),
+            enabled=self.autocast is not None,
+        )
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = self.collator([examples[i] for i in chunk])
             input_ids = batch["input_ids"].to(self.model.device)
             completion_mask = batch["completion_mask"].to(self.model.device)
-            autocast = torch.autocast(
-                self.model.device.type,
-                dtype=getattr(torch, self.autocast or "float32"),
-                enabled=self.autocast is not None,
-            )
             with torch.inference_mode(), autocast:
                 outputs = self.model(
                     input_ids=input_ids,
