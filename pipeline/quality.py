@@ -12,8 +12,10 @@ Reason codes (thresholds are fields of :class:`QualityConfig`):
 - ``truncated``: cut mid-sentence: the text does not end with terminal punctuation (closing quotes,
   brackets and emphasis marks after it are allowed).
 - ``copied_prompt``: a copy of instruction, system or worked-example text from the prompts
-  (:func:`prompt_texts`): a run of ``copy_run`` or more words shared with one, or at least
-  ``copy_share`` of the text's words inside word ``copy_ngram``-grams shared with them.
+  (:func:`prompt_texts`): a run of ``copy_run`` or more words shared with one, at least
+  ``copy_share`` of the text's words inside word ``copy_ngram``-grams shared with them, or a
+  sentence of ``copy_sentence_words`` or more words that is one of theirs with one word changed
+  (the revision turn's acknowledgement echoed as "I will write a different answer.").
 - ``format_leak``: a line opening with a label of the prompts' example form (``Question:``,
   ``Answer:``, ``Rating:``, ``Reason:``, from ``pipeline.llm.ratings``): the model writing the next
   worked example instead of its own answer.
@@ -122,7 +124,7 @@ class QualityConfig:
     Length and ending:
         min_words_answer, min_words_reason, terminal_punctuation
     Copies of prompt text:
-        copy_ngram, copy_share, copy_run, copy_share_draft
+        copy_ngram, copy_share, copy_run, copy_sentence_words, copy_share_draft
     Meta-commentary:
         meta_function_words
     Repetition (Gopher-style; a text breaking any one is flagged):
@@ -150,6 +152,13 @@ class QualityConfig:
     )
     copy_run: int = field(
         default=8, metadata={"help": "flag copied_prompt when this many consecutive words are shared"}
+    )
+    copy_sentence_words: int = field(
+        default=5,
+        metadata={
+            "help": "flag copied_prompt when a sentence of at least this many words is a prompt sentence "
+            "with one word changed (0: off)"
+        },
     )
     copy_share_draft: float = field(
         default=0.8,
@@ -210,6 +219,7 @@ class QualityConfig:
             self.common_words,
             self.top_ngram_min_words,
             self.meta_function_words,
+            self.copy_sentence_words,
         )
         if min(counts) < 0:
             raise UserError("quality: word counts must be >= 0")
@@ -323,6 +333,35 @@ def prompt_texts() -> tuple[str, ...]:
 @cache
 def _prompt_ngrams(n: int) -> frozenset[tuple[str, ...]]:
     return frozenset(gram for text in prompt_texts() for gram in _ngrams(words(text), n))
+
+
+def _one_word_out(tokens: Sequence[str]) -> list[tuple[str | None, ...]]:
+    """``tokens`` with each word in turn left open: two word sequences of one length share one of
+    these exactly when they differ in at most one word."""
+    return [(*tokens[:i], None, *tokens[i + 1 :]) for i in range(len(tokens))]
+
+
+@cache
+def _prompt_sentence_patterns(min_words: int) -> frozenset[tuple[str | None, ...]]:
+    return frozenset(
+        pattern
+        for text in prompt_texts()
+        for sentence in _SENTENCE_END.split(text)
+        if len(tokens := words(sentence)) >= min_words
+        for pattern in _one_word_out(tokens)
+    )
+
+
+def _edited_prompt_sentence(text: str, config: QualityConfig) -> bool:
+    """Whether a sentence of ``text`` is a sentence of the prompts with at most one word changed."""
+    if not config.copy_sentence_words:
+        return False
+    patterns = _prompt_sentence_patterns(config.copy_sentence_words)
+    return any(
+        len(tokens := words(sentence)) >= config.copy_sentence_words
+        and not patterns.isdisjoint(_one_word_out(tokens))
+        for sentence in _SENTENCE_END.split(text)
+    )
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -483,7 +522,9 @@ def text_flags(
     if _truncated(text, config):
         flags.append("truncated")
     share, run = copy_stats(tokens, config.copy_ngram)
-    if tokens and (share >= config.copy_share or run >= config.copy_run):
+    if tokens and (
+        share >= config.copy_share or run >= config.copy_run or _edited_prompt_sentence(text, config)
+    ):
         flags.append("copied_prompt")
     if _FORMAT_LABEL.search(text):
         flags.append("format_leak")

@@ -100,6 +100,20 @@ def test_each_reason_fires(text: str, kind: q.TextKind, reason: str) -> None:
     assert reason in flags(text, kind, draft=CLEAN_DRAFT)
 
 
+def test_a_prompt_sentence_with_one_word_changed_is_a_copy() -> None:
+    """The acknowledgement turn echoed with a word changed (make runs r9-r14), inside a longer text."""
+    acknowledgement = prompts.revision_messages("q", "a", [(4.0, "r")])[2]["content"]
+    edited = acknowledgement.replace("better", "different")
+    assert edited != acknowledgement
+    text = f"I'm sorry, I'm not able to provide a specific answer at this moment. {edited}"
+    assert "copied_prompt" in flags(text, "revision", draft=CLEAN_DRAFT)
+    assert "copied_prompt" in flags(f"{CLEAN_REVISION} {acknowledgement}", "revision", draft=CLEAN_DRAFT)
+    # Two words changed, or a sentence shorter than the threshold, is the text's own.
+    assert flags("I will write her a letter and explain why it hurt me.", "revision", draft=CLEAN_DRAFT) == []
+    off = q.QualityConfig(copy_sentence_words=0)
+    assert "copied_prompt" not in flags(text, "revision", draft=CLEAN_DRAFT, config=off)
+
+
 def test_revision_identical_to_draft() -> None:
     assert "same_as_draft" in flags(CLEAN_DRAFT.upper().replace(",", ""), "revision", draft=CLEAN_DRAFT)
     assert "same_as_draft" not in flags(CLEAN_REVISION, "revision", draft=CLEAN_DRAFT)

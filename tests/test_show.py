@@ -93,12 +93,8 @@ def test_flag_and_n_select_interactions(run: Path, capsys: pytest.CaptureFixture
     # Thresholds given on the command line apply to flags computed on the fly.
     assert show.main([str(run), "--flag", "copied_prompt"]) == 0
     assert "2 of 2 interactions with flag copied_prompt shown" in capsys.readouterr().out
-    assert (
-        show.main(
-            [str(run), "--flag", "copied_prompt", "--quality.copy_ngram", "30", "--quality.copy_run", "30"]
-        )
-        == 0
-    )
+    lenient = ["--quality.copy_ngram", "30", "--quality.copy_run", "30", "--quality.copy_sentence_words", "0"]
+    assert show.main([str(run), "--flag", "copied_prompt", *lenient]) == 0
     assert "0 of 0 interactions with flag copied_prompt shown" in capsys.readouterr().out
 
 

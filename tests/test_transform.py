@@ -342,7 +342,9 @@ def test_flagged_texts_are_dropped_per_kind(tmp_path: Path) -> None:
     assert len(kept.configs["imitation"][0]["completions"]) == 4
     assert all(v["skipped"]["flagged"] == 0 for v in kept.summary["kinds"].values())
     # thresholds of the transform apply to records stored without flags (and to all with refresh)
-    lenient = tf.transform([shard], quality=QualityConfig(copy_ngram=30, copy_run=30), refresh_flags=True)
+    lenient = tf.transform(
+        [shard], quality=QualityConfig(copy_ngram=30, copy_run=30, copy_sentence_words=0), refresh_flags=True
+    )
     assert lenient.summary["quality"]["texts"]["revision"] == {"texts": 3, "flagged": 1, "meta_commentary": 1}
 
 
