@@ -11,7 +11,9 @@ Iteration ``t`` (folder ``iter-TT/`` of the output):
    several GPUs or with DeepSpeed as the launcher says;
 4. **evaluate** (``eval/``): ``sandbox evaluate --compare M_t M_{t+1}`` on the held-out questions with
    the same observer, in its own process: observer scores, paired differences ``M_{t+1} - M_t``,
-   and preference accuracy on the labelled pairs and on one fixed set of held-out comparison groups.
+   and preference accuracy on the labelled pairs and on one fixed set of held-out comparison groups;
+   with ``eval_samples`` above 1 also on ``M_t``'s best vs worst sampled answer to each question (a
+   set of its own each iteration: the table shows ``M_t`` and ``M_{t+1}`` on it, the plot does not).
 
 The held-out groups are built once, before iteration 0, by a society of the base model on the
 held-out questions (``heldout/``), unless ``heldout_groups`` names a ``sandbox transform`` output;
@@ -88,7 +90,7 @@ class LoopConfig:
       ``server_timeout``.
     - training: ``keep_flagged`` (of the transform), ``train_config``, ``train_args``, ``launcher``.
     - evaluation: ``heldout_questions``, ``heldout_rounds``, ``heldout_groups``, ``eval_limit``,
-      ``eval_max_tokens``.
+      ``eval_max_tokens``, ``eval_samples``, ``eval_temperature``, ``eval_top_p``.
 
     ``__post_init__`` checks every field (a :class:`UserError` names the problem).
     """
@@ -172,6 +174,17 @@ class LoopConfig:
         default=None, metadata={"help": "evaluate on the first N held-out questions; none: all"}
     )
     eval_max_tokens: int = field(default=96, metadata={"help": "longest answer in the evaluation, in tokens"})
+    eval_samples: int = field(
+        default=1,
+        metadata={
+            "help": "answers per held-out question and model (sandbox evaluate --samples); above 1, M_t's best "
+            "vs worst answer to each question is a further set of preference pairs"
+        },
+    )
+    eval_temperature: float = field(
+        default=0.0, metadata={"help": "the evaluated models' sampling temperature; 0: greedy"}
+    )
+    eval_top_p: float = field(default=1.0, metadata={"help": "the evaluated models' nucleus sampling mass"})
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -194,6 +207,8 @@ class LoopConfig:
         observer_reference(self.observer)  # refuses an observer the evaluation cannot name
         if self.heldout_rounds < 1 or self.eval_max_tokens < 1 or self.server_timeout <= 0:
             raise UserError("heldout_rounds, eval_max_tokens and server_timeout must be positive")
+        if self.eval_samples < 1 or (self.eval_samples > 1 and self.eval_temperature <= 0):
+            raise UserError("eval_samples must be at least 1, and above 1 needs eval_temperature above 0")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise UserError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         if self.base_model != "embedded" and Path(self.base_model).expanduser().is_file():
@@ -402,6 +417,9 @@ def evaluate_command(config: LoopConfig, layout: Layout, t: int, heldout_groups:
         "--questions", config.heldout_questions,
         "--heldout-groups", str(heldout_groups),
         "--max-tokens", str(config.eval_max_tokens),
+        "--samples", str(config.eval_samples),
+        "--temperature", str(config.eval_temperature),
+        "--top-p", str(config.eval_top_p),
         "--cache", str(layout.eval_cache),
         "--output", str(layout.eval(t)),
         *limit,
@@ -578,6 +596,7 @@ def loop_table(iterations: Sequence[dict[str, Any]]) -> str:
         "engage",
         "pref labelled",
         "pref held-out",
+        "pref M_t's answers: M_t -> trained",
         "trained - agents align",
         "engage",
     )
@@ -586,6 +605,7 @@ def loop_table(iterations: Sequence[dict[str, Any]]) -> str:
         sandbox, trained, paired = it["sandbox"], it["trained_eval"], it["paired_trained_minus_agents"]
         flagged = "/".join(str(sandbox["flagged"][kind]) for kind in TEXT_KINDS)
         preference = trained["preference"]
+        own = (it["agents_eval"]["preference"].get("sampled", {}), preference.get("sampled", {}))
         rows.append(
             (
                 it["iteration"],
@@ -597,6 +617,9 @@ def loop_table(iterations: Sequence[dict[str, Any]]) -> str:
                     _interval(preference.get(k, {}), "accuracy", ".2f")
                     for k in ("labelled", "heldout_groups")
                 ),
+                None
+                if any(p.get("accuracy") is None for p in own)
+                else " -> ".join(_num(p["accuracy"]) for p in own),
                 *(_interval(paired[a], "mean", "+.2f") for a in ASPECTS),
             )
         )

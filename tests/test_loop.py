@@ -62,7 +62,9 @@ def loop_data(tmp_path: Path, model: Path, observer_url: str, **overrides: Any) 
     }
 
 
-def check_finished_loop(result: loop.LoopResult, output: Path, model: Path, agent_model_of_m0: str) -> None:
+def check_finished_loop(
+    result: loop.LoopResult, output: Path, model: Path, agent_model_of_m0: str, sampled: bool = False
+) -> None:
     assert [it["iteration"] for it in result.iterations] == [0, 1]
     for t in (0, 1):
         for stage in loop.STAGES:
@@ -85,17 +87,26 @@ def check_finished_loop(result: loop.LoopResult, output: Path, model: Path, agen
         assert 1 <= second["trained_eval"]["heldout"][aspect]["mean"] <= 7
         assert second["paired_trained_minus_agents"][aspect]["n"] == len(HELDOUT)
     # The same fixed sets of pairs in every iteration: M_1 is measured in both, with the same result.
+    fixed = ("labelled", "heldout_groups")
     first_m1 = summary["iterations"][0]["trained_eval"]["preference"]
-    assert first_m1 == second["agents_eval"]["preference"]
-    assert set(first_m1) == {"labelled", "heldout_groups"}
+    assert {k: first_m1[k] for k in fixed} == {k: second["agents_eval"]["preference"][k] for k in fixed}
+    assert set(first_m1) == ({*fixed, "sampled"} if sampled else set(fixed))
+    if sampled:  # M_t's own best vs worst answers, one pair set per iteration, both models on it
+        for it in summary["iterations"]:
+            pairs = {it[m]["preference"]["sampled"]["n"] for m in ("agents_eval", "trained_eval")}
+            assert len(pairs) == 1 and 0 < pairs.pop() <= len(HELDOUT)
     assert (output / "loop.png").read_bytes()[:4] == b"\x89PNG"
     assert "pref labelled" in result.table and (output / "table.txt").read_text().strip() == result.table
 
 
 def test_two_iterations_in_process(tiny_model_dir: Path, sandbox_server, tmp_path: Path) -> None:
-    config = from_dict(loop.LoopConfig, loop_data(tmp_path, tiny_model_dir, sandbox_server.base_url))
+    sampling = {"eval_samples": 2, "eval_temperature": 1.0}
+    config = from_dict(
+        loop.LoopConfig, loop_data(tmp_path, tiny_model_dir, sandbox_server.base_url, **sampling)
+    )
     result = loop.run_loop(config)
-    check_finished_loop(result, tmp_path / "loop", tiny_model_dir, str(tiny_model_dir))
+    check_finished_loop(result, tmp_path / "loop", tiny_model_dir, str(tiny_model_dir), sampled=True)
+    assert "pref M_t's answers" in result.table
     # A rerun of a finished loop runs nothing again.
     markers = {p: p.read_text() for p in (tmp_path / "loop").rglob("*.done")}
     assert loop.run_loop(config).iterations == result.iterations
@@ -141,6 +152,9 @@ def test_evaluation_runs_in_the_observers_dtype(tmp_path: Path, tiny_model_dir: 
     assert "--dtype" not in served and served[served.index("--observer") + 1] == "judge@http://x/v1"
     embedded = command({"kind": "embedded", "dtype": "bfloat16"})
     assert embedded[embedded.index("--dtype") + 1] == "bfloat16"
+    assert embedded[embedded.index("--samples") + 1] == "1"  # greedy unless eval_samples says otherwise
+    with pytest.raises(UserError, match="eval_temperature"):
+        from_dict(loop.LoopConfig, {**loop_data(tmp_path, tiny_model_dir, "http://x/v1"), "eval_samples": 2})
 
 
 def test_loop_never_imports_the_trainer() -> None:
