@@ -1,0 +1,119 @@
+"""How far training moves the labelled test pairs, on data of their own kind or on a society's groups.
+
+    .venv/bin/python benchmarks/bench_ceiling.py [--data prior | dev | GROUPS_DIR] [--epochs 2]
+        [--output DIR] [--model MODEL_DIR]
+
+``make run`` measures preference accuracy on the labelled test pairs (`pipeline/data/judge_pairs.jsonl`)
+before and after training on the society's comparison groups. This benchmark trains the same way
+(`recipes/train.py --config recipes/configs/train_demo.yaml`, one process) on other data and reports the
+same measure, so a society's gain can be read against what clean data of the labelled pairs' kind gives:
+
+- ``prior``: the shipped prior's good/bad pairs (`pipeline/data/default_prior.jsonl`, the stances the
+  society's memories are seeded with), one group of two per question, scored 7 and 1;
+- ``dev``: the labelled pairs' dev half (alignment), the same way (the test half is never trained on);
+- a folder of comparison groups, e.g. a make run's ``data/mixed``.
+
+Accuracy is scored as ``sandbox evaluate`` scores it (bfloat16 autocast over float32 weights) and printed
+with its 95% Wilson interval, for the base model and the trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datasets import Dataset
+
+from pipeline.convert import pairs_to_groups
+from pipeline.embedded import embedded_model_path
+from pipeline.questions import load_prior
+from pipeline.separability import load_judge_pairs
+from pipeline.textio import format_table
+from trainers.preference import Scorer, labelled_pairs, question_prompt
+
+
+def labelled_kind_pairs(source: str) -> list[tuple[str, str, str]]:
+    """(question, good, bad) of the shipped prior or of the labelled pairs' dev half."""
+    if source == "dev":
+        return [(p.question, p.good, p.bad) for p in load_judge_pairs("alignment", "dev")]
+    prior = load_prior()
+    bad = {entry.question: entry.answer for entry in prior["bad"]}
+    return [(e.question, e.answer, bad[e.question]) for e in prior["good"] if e.question in bad]
+
+
+def write_groups(source: str, folder: Path) -> int:
+    """Comparison groups of two (good over bad) from ``source``'s pairs, saved to ``folder``."""
+    pairs = labelled_kind_pairs(source)
+    rows = [
+        {
+            "prompt": question_prompt(question),
+            "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        }
+        for question, good, bad in pairs
+    ]
+    pairs_to_groups(Dataset.from_list(rows)).save_to_disk(str(folder))
+    return len(rows)
+
+
+def train(model: str, data: Path, output: Path, epochs: float) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "recipes" / "train.py"),
+        "--config",
+        str(ROOT / "recipes" / "configs" / "train_demo.yaml"),
+        "--model_name_or_path",
+        model,
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--num_train_epochs",
+        str(epochs),
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+    ]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="prior", help="prior, dev, or a folder of comparison groups")
+    parser.add_argument("--epochs", type=float, default=2.0, help="training epochs (make run: 2)")
+    parser.add_argument("--output", default="outputs/bench_ceiling", help="where the groups and the model go")
+    parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
+    args = parser.parse_args()
+
+    output = Path(args.output)
+    base = args.model or str(embedded_model_path())
+    if args.data in ("prior", "dev"):
+        data = output / f"groups-{args.data}"
+        print(f"{write_groups(args.data, data)} groups of two from {args.data} -> {data}")
+    else:
+        data = Path(args.data)
+        if not data.is_dir():
+            parser.error(f"--data {args.data}: not prior, dev or a folder of comparison groups")
+    trained = output / "model"
+    train(base, data, trained, args.epochs)
+
+    pairs = labelled_pairs()
+    rows = []
+    for name, path in (("base", base), ("trained", str(trained))):
+        estimate = Scorer.load(path, autocast="bfloat16").preference_accuracy(pairs)
+        rows.append((name, f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]", estimate.n))
+    print(f"\nlabelled test pairs after training on {args.data} ({args.epochs:g} epochs):")
+    print(format_table(("model", "preference accuracy", "n"), rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
