@@ -25,8 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import Dataset
 
@@ -36,6 +35,8 @@ from pipeline.questions import load_prior
 from pipeline.separability import load_judge_pairs
 from pipeline.textio import format_table
 from trainers.preference import Scorer, labelled_pairs, question_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def labelled_kind_pairs(source: str) -> list[tuple[str, str, str]]:
