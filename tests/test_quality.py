@@ -114,6 +114,28 @@ def test_a_prompt_sentence_with_one_word_changed_is_a_copy() -> None:
     assert "copied_prompt" not in flags(text, "revision", draft=CLEAN_DRAFT, config=off)
 
 
+def test_a_revision_pasting_a_neighbours_comment_is_flagged() -> None:
+    """make run r16: a revision ending in a neighbour's praise, word for word."""
+    comment = "This is a great example of how a sister and a brother can agree on a fair rule."
+    reasons = [CLEAN_REASON, f"Kind and clear. {comment}"]
+    pasted = f"{CLEAN_REVISION} {comment}"
+    assert "copied_feedback" in flags(pasted, "revision", draft=CLEAN_DRAFT, feedback=reasons)
+    # A reason that repeats a sentence of the draft: the revision keeping it keeps its own words.
+    kept_sentence = CLEAN_DRAFT.split(". ")[1]
+    repeating = [f"{kept_sentence} That is sound advice."]
+    revision = f"{CLEAN_DRAFT} Ask her kindly."
+    assert flags(revision, "revision", draft=CLEAN_DRAFT, feedback=repeating) == []
+    assert flags(revision, "revision", draft=CLEAN_REVISION, feedback=repeating) == ["copied_feedback"]
+    # Short shared phrases are ordinary agreement, and the rule can be turned off.
+    assert (
+        flags(f"{CLEAN_REVISION} It is fair.", "revision", draft=CLEAN_DRAFT, feedback=["It is fair."]) == []
+    )
+    off = q.QualityConfig(copy_feedback_words=0)
+    assert flags(pasted, "revision", draft=CLEAN_DRAFT, feedback=reasons, config=off) == []
+    record = _record(revision=pasted, feedback=[{"rating": 5.0, "reason": r} for r in reasons])
+    assert q.record_flags(record)["revision"] == ["copied_feedback"]
+
+
 def test_revision_identical_to_draft() -> None:
     assert "same_as_draft" in flags(CLEAN_DRAFT.upper().replace(",", ""), "revision", draft=CLEAN_DRAFT)
     assert "same_as_draft" not in flags(CLEAN_REVISION, "revision", draft=CLEAN_DRAFT)
