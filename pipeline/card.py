@@ -84,7 +84,8 @@ def _quality_section(quality: dict[str, Any]) -> str:
         "(`pipeline.quality`): `empty`, `too_short`, `truncated` (cut mid-sentence), `copied_prompt` "
         "(instruction, system or worked-example text), `format_leak`, `copied_draft`, `copied_feedback` (a revision pasting "
         "a sentence of a neighbour's reason), `misquoted` (a reason "
-        "quoting words the rated answer does not hold), `repetition` "
+        "quoting words the rated answer does not hold), `author_voice` (a reason promising to act, \"I'll do "
+        'better.", instead of judging), `repetition` '
         "(Gopher-style n-gram and duplicate-sentence rules adapted to short texts), `off_topic` (no "
         "content word shared with the question and few dictionary words), `meta_commentary` (an answer "
         "that talks about the answer or the members instead of answering), `same_as_draft` and "

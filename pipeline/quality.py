@@ -45,6 +45,11 @@ Reason codes (thresholds are fields of :class:`QualityConfig`):
   a sentence of the neighbour's own put in quotes, is not feedback on this answer. Measured on the
   216 reasons of make run r3 (sandbox-v4): 195 quote something, 156 of them words the draft does
   not hold.
+- ``author_voice``: a neighbour's reason that speaks as the answer's author or promises to act
+  instead of judging the answer: outside quotes, a first-person future ("I'll", "I will", "I'm going
+  to"): "I'll do better.", "That's a great answer. I'll make sure to improve it.", "I'll just add a
+  sentence to that." Measured on the 3,240 reasons of make runs r1-r16: 140 match, 115 of them not
+  flagged otherwise; 40 of those 115 read by hand, none a judgement of the answer.
 - ``repetition``: heavy repetition, measured as the Gopher rules (Rae et al. 2021, appendix A)
   measure it, adapted to answers of a few sentences: duplicate sentences (by count and by
   characters) stand for Gopher's duplicate lines and paragraphs; the share of the most frequent
@@ -114,6 +119,7 @@ Reason = Literal[
     "copied_draft",
     "copied_feedback",
     "misquoted",
+    "author_voice",
     "repetition",
     "off_topic",
     "same_as_draft",
@@ -284,6 +290,7 @@ def normalised(text: str) -> str:
 
 
 _QUOTED = re.compile(r'["“]([^"“”]*)["”]')
+_FIRST_PERSON_FUTURE = re.compile(r"\bI(?:'ll| will| am going to|'m going to)\b", re.IGNORECASE)
 
 
 def misquotes(reason: str, draft: str) -> bool:
@@ -573,6 +580,8 @@ def text_flags(
         flags.append("copied_feedback")
     if kind == "reason" and draft is not None and misquotes(text, draft):
         flags.append("misquoted")
+    if kind == "reason" and _FIRST_PERSON_FUTURE.search(_QUOTED.sub("", text.replace("’", "'"))):
+        flags.append("author_voice")
     if _repetitive(text, config):
         flags.append("repetition")
     context = words(question) + (words(draft) if kind == "reason" and draft else [])

@@ -46,6 +46,11 @@ def test_clean_texts_pass() -> None:
         == []
     )
     assert flags('"Calmly" is kind, and “a Simple rule” is fair.', "reason", draft=CLEAN_DRAFT) == []
+    # A reason may quote the answer's own promise, and answers may promise.
+    assert (
+        flags('"I\'ll ask her first" is a fair promise to make.', "reason", draft="I'll ask her first.") == []
+    )
+    assert flags("I will talk to her calmly and ask her to check with me first.") == []
     # A closing quote or bracket after the full stop still ends a sentence.
     assert flags('Say to her: "Please ask me before you borrow my clothes."') == []
 
@@ -79,6 +84,9 @@ def test_clean_texts_pass() -> None:
         ),
         ('"If it is convenient" makes returning the phone depend on comfort.', "reason", "misquoted"),
         ('"Simple rule" is fair, but "lock the wardrobe" is unkind.', "reason", "misquoted"),
+        ("I'll do better.", "reason", "author_voice"),
+        ("That's a great answer. I will make sure to improve it.", "reason", "author_voice"),
+        ("I’m going to add a sentence about asking first.", "reason", "author_voice"),
         (
             "Ask her to stop.\n\nQuestion: What if she refuses?\nAnswer: Then lock your wardrobe.",
             "draft",
