@@ -31,21 +31,16 @@ from datasets import Dataset
 
 from pipeline.convert import pairs_to_groups
 from pipeline.embedded import embedded_model_path
-from pipeline.questions import load_prior
-from pipeline.separability import load_judge_pairs
+from pipeline.separability import JudgePair, load_judge_pairs, prior_pairs
 from pipeline.textio import format_table
 from trainers.preference import Scorer, labelled_pairs, question_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def labelled_kind_pairs(source: str) -> list[tuple[str, str, str]]:
-    """(question, good, bad) of the shipped prior or of the labelled pairs' dev half."""
-    if source == "dev":
-        return [(p.question, p.good, p.bad) for p in load_judge_pairs("alignment", "dev")]
-    prior = load_prior()
-    bad = {entry.question: entry.answer for entry in prior["bad"]}
-    return [(e.question, e.answer, bad[e.question]) for e in prior["good"] if e.question in bad]
+def labelled_kind_pairs(source: str) -> list[JudgePair]:
+    """The shipped prior's good/bad pairs, or the labelled pairs' dev half (alignment)."""
+    return load_judge_pairs("alignment", "dev") if source == "dev" else prior_pairs()
 
 
 def write_groups(source: str, folder: Path) -> int:
@@ -53,11 +48,11 @@ def write_groups(source: str, folder: Path) -> int:
     pairs = labelled_kind_pairs(source)
     rows = [
         {
-            "prompt": question_prompt(question),
-            "chosen": [{"role": "assistant", "content": good}],
-            "rejected": [{"role": "assistant", "content": bad}],
+            "prompt": question_prompt(pair.question),
+            "chosen": [{"role": "assistant", "content": pair.good}],
+            "rejected": [{"role": "assistant", "content": pair.bad}],
         }
-        for question, good, bad in pairs
+        for pair in pairs
     ]
     pairs_to_groups(Dataset.from_list(rows)).save_to_disk(str(folder))
     return len(rows)

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
-import json
 import sys
 import time
 import typing
@@ -55,25 +54,18 @@ from pipeline.judge import (
 from pipeline.llm import ChatBackend, backend_spec, build_backend
 from pipeline.llm.base import Dtype
 from pipeline.llm.layers import CachedBackend
-from pipeline.questions import DEFAULT_PRIOR
-from pipeline.separability import JUDGE_PAIRS, JudgePair, Separability, load_judge_pairs, separability
+from pipeline.separability import (
+    JUDGE_PAIRS,
+    JudgePair,
+    Separability,
+    load_judge_pairs,
+    prior_pairs,
+    separability,
+)
 from pipeline.textio import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("dev", "test", "prior")
-
-
-def prior_pairs() -> list[JudgePair]:
-    """The shipped prior's questions with both a good and a bad answer, as alignment pairs."""
-    by_question: dict[str, dict[str, str]] = {}
-    for line in DEFAULT_PRIOR.read_text().splitlines():
-        row = json.loads(line)
-        by_question.setdefault(row["question"], {})[row["label"]] = row["answer"]
-    return [
-        JudgePair(q, a["good"], a["bad"], "alignment", "prior")  # type: ignore[arg-type]
-        for q, a in by_question.items()
-        if {"good", "bad"} <= a.keys()
-    ]
 
 
 def answers(pairs: Sequence[JudgePair]) -> list[tuple[str, str]]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.questions import DATA_DIR
+from pipeline.questions import DATA_DIR, DEFAULT_PRIOR
 
 JUDGE_PAIRS = DATA_DIR / "judge_pairs.jsonl"
 
@@ -58,6 +58,20 @@ def load_judge_pairs(
         JudgePair(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line
     ]
     return [r for r in rows if aspect in (None, r.aspect) and split in (None, r.split)]
+
+
+def prior_pairs(path: str | Path = DEFAULT_PRIOR) -> list[JudgePair]:
+    """The prior's questions (JSON Lines of question/answer/label rows) with both a good and a bad
+    answer, as alignment pairs of the split ``prior``."""
+    by_question: dict[str, dict[str, str]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        by_question.setdefault(row["question"], {})[row["label"]] = row["answer"]
+    return [
+        JudgePair(q, a["good"], a["bad"], "alignment", "prior")  # type: ignore[arg-type]
+        for q, a in by_question.items()
+        if {"good", "bad"} <= a.keys()
+    ]
 
 
 def _compare(a: float, b: float) -> float:
