@@ -370,8 +370,8 @@ def _prompt_sentence_patterns(min_words: int) -> frozenset[tuple[str | None, ...
     return frozenset(
         pattern
         for text in prompt_texts()
-        for sentence in _SENTENCE_END.split(text)
-        if len(tokens := words(sentence)) >= min_words
+        for sentence in sentences(text)
+        if len(tokens := sentence.split()) >= min_words
         for pattern in _one_word_out(tokens)
     )
 
@@ -382,9 +382,9 @@ def _edited_prompt_sentence(text: str, config: QualityConfig) -> bool:
         return False
     patterns = _prompt_sentence_patterns(config.copy_sentence_words)
     return any(
-        len(tokens := words(sentence)) >= config.copy_sentence_words
+        len(tokens := sentence.split()) >= config.copy_sentence_words
         and not patterns.isdisjoint(_one_word_out(tokens))
-        for sentence in _SENTENCE_END.split(text)
+        for sentence in sentences(text)
     )
 
 
@@ -603,7 +603,7 @@ def record_flags(record: Mapping[str, Any], config: QualityConfig | None = None)
     reasons = [item.get("reason") or "" for item in record.get("feedback") or []]
     for reason in reasons:
         flags = text_flags(reason, question=question, kind="reason", config=config, draft=draft)
-        key = normalised(reason or "")
+        key = normalised(reason)
         if key and key in seen:
             flags.append("duplicate_reason")
         seen.add(key)
