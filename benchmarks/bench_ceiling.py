@@ -1,6 +1,6 @@
 """How far training moves the labelled test pairs, on data of their own kind or on a society's groups.
 
-    .venv/bin/python benchmarks/bench_ceiling.py [--data prior | dev | GROUPS_DIR] [--epochs 2]
+    .venv/bin/python benchmarks/bench_ceiling.py [--data prior | dev | GROUPS_DIR] [--epochs 1]
         [--output DIR] [--model MODEL_DIR]
 
 ``make run`` measures preference accuracy on the labelled test pairs (`pipeline/data/judge_pairs.jsonl`)
@@ -84,7 +84,7 @@ def train(model: str, data: Path, output: Path, epochs: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="prior", help="prior, dev, or a folder of comparison groups")
-    parser.add_argument("--epochs", type=float, default=2.0, help="training epochs (make run: 2)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="training epochs (make run: 1)")
     parser.add_argument("--output", default="outputs/bench_ceiling", help="where the groups and the model go")
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
     args = parser.parse_args()

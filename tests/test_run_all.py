@@ -65,25 +65,34 @@ def test_printed_evaluate_command_is_the_evaluation_it_runs() -> None:
     assert command[:2] == ["sandbox", "evaluate"]
     printed, _ = parse(EvaluationConfig, command[2:], "sandbox evaluate", "")
     runs = run_all.evaluation()
-    for name in ("compare", "names", "questions", "dtype", "samples", "temperature", "top_p", "concurrency"):
+    names = (
+        "compare",
+        "names",
+        "questions",
+        "limit",
+        "dtype",
+        "samples",
+        "temperature",
+        "top_p",
+        "concurrency",
+    )
+    for name in names:
         assert getattr(printed, name) == getattr(runs, name), name
     assert printed.output_dir == runs.output_dir
 
 
 def test_heldout_questions_are_held_out() -> None:
-    """make run's held-out questions and the larger extra set share no question (case and punctuation
-    ignored) with the simulation pool, the prior, the labelled pairs or each other."""
+    """The held-out pool's 120 questions are distinct and share none (case and punctuation ignored) with
+    the simulation pool, the prior or the labelled pairs."""
     import json
 
     from pipeline.quality import normalised
-    from pipeline.questions import DATA_DIR, DEFAULT_PRIOR, DEFAULT_QUESTIONS, load_questions
+    from pipeline.questions import DEFAULT_PRIOR, DEFAULT_QUESTIONS, load_questions
     from pipeline.separability import JUDGE_PAIRS
 
     seen = {normalised(q) for q in load_questions(str(DEFAULT_QUESTIONS))}
     for jsonl in (DEFAULT_PRIOR, JUDGE_PAIRS):
         seen |= {normalised(json.loads(line)["question"]) for line in jsonl.read_text().splitlines() if line}
-    for name, count in (("heldout_questions.txt", 40), ("heldout_questions_extra.txt", 80)):
-        held_out = [normalised(q) for q in load_questions(str(DATA_DIR / name))]
-        assert len(held_out) == len(set(held_out)) == count
-        assert not seen & set(held_out), name
-        seen |= set(held_out)
+    held_out = [normalised(q) for q in load_questions(str(_run_all().HELDOUT))]
+    assert len(held_out) == len(set(held_out)) == 120
+    assert not seen & set(held_out)
