@@ -106,7 +106,7 @@ def main() -> int:
     for name, path in (("base", base), ("trained", str(trained))):
         estimate = Scorer.load(path, autocast="bfloat16").preference_accuracy(pairs)
         rows.append((name, f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]", estimate.n))
-    print(f"\nlabelled test pairs after training on {args.data} ({args.epochs:g} epochs):")
+    print(f"\nlabelled test pairs after training on {args.data} ({args.epochs:g} epoch(s)):")
     print(format_table(("model", "preference accuracy", "n"), rows))
     return 0
 
