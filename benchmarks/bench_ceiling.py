@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import Dataset
 
+from pipeline import launch
 from pipeline.convert import pairs_to_groups
 from pipeline.embedded import embedded_model_path
 from pipeline.separability import JudgePair, load_judge_pairs, prior_pairs
@@ -59,24 +60,13 @@ def write_groups(source: str, folder: Path) -> int:
 
 
 def train(model: str, data: Path, output: Path, epochs: float) -> None:
-    command = [
-        sys.executable,
-        str(ROOT / "recipes" / "train.py"),
-        "--config",
-        str(ROOT / "recipes" / "configs" / "train_demo.yaml"),
-        "--model_name_or_path",
-        model,
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(output),
-        "--num_train_epochs",
-        str(epochs),
-        "--save_strategy",
-        "no",
-        "--disable_tqdm",
-        "true",
-    ]
+    command = launch.train_command(
+        config=ROOT / "recipes" / "configs" / "train_demo.yaml",
+        model=model,
+        dataset=data,
+        output_dir=output,
+        extra=["--num_train_epochs", str(epochs), "--save_strategy", "no", "--disable_tqdm", "true"],
+    )
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
