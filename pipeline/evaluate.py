@@ -33,7 +33,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.argparsing import parse
 from pipeline.embedded import embedded_model_path
@@ -41,6 +41,7 @@ from pipeline.errors import BackendLoadError, UserError, run_command
 from pipeline.judge import Judge, JudgeConfig
 from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build_backend
 from pipeline.llm.base import CacheMode, Dtype
+from pipeline.llm.cache import ResponseCache
 from pipeline.llm.factory import MODEL_REFERENCE
 from pipeline.llm.ratings import SCALE
 from pipeline.questions import load_questions
@@ -84,6 +85,7 @@ class EvaluationConfig:
 
     Cache and output:
         cache, cache_mode: one response cache shared by every model and the observer.
+        cache_from: exported caches loaded into it first (``ResponseCache.export``).
         output: the folder for ``scores/``, ``table.txt``, ``summary.json`` and ``evaluation.png``.
     """
 
@@ -170,6 +172,13 @@ class EvaluationConfig:
         default="read-write",
         metadata={"help": "replay-only turns a cache miss into an error; off bypasses the cache"},
     )
+    cache_from: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "exported response caches (.jsonl.gz) loaded into --cache first: an answer or score "
+            "found there is read, not computed (make run reads the base model's evaluation from one)"
+        },
+    )
     output: str | None = field(
         default=None,
         metadata={"help": "folder for scores/, table.txt, summary.json and evaluation.png; required"},
@@ -197,6 +206,8 @@ class EvaluationConfig:
             raise UserError(f"--dtype must be one of {', '.join(typing.get_args(Dtype))}")
         if self.cache_mode not in typing.get_args(CacheMode):
             raise UserError(f"--cache-mode must be one of {', '.join(typing.get_args(CacheMode))}")
+        if self.cache_from and self.cache_mode == "off":
+            raise UserError("--cache-from needs the response cache, which --cache-mode off bypasses")
         if self.pairs_aspect not in ASPECTS:
             raise UserError(f"--pairs-aspect must be one of {', '.join(ASPECTS)}")
         if self.pairs_split not in (*typing.get_args(Split), None):
@@ -353,12 +364,18 @@ def measure_preference(
     return results
 
 
-async def _answer(backend: ChatBackend, question: str, sample: int) -> tuple[str | None, str | None]:
+class _Answer(NamedTuple):
+    text: str | None
+    error: str | None
+    cached: bool = False
+
+
+async def _answer(backend: ChatBackend, question: str, sample: int) -> _Answer:
     try:
         completion = await backend.complete([{"role": "user", "content": question}], sample_index=sample)
     except LLMError as exc:
-        return None, str(exc)
-    return completion.text.strip(), None
+        return _Answer(None, str(exc))
+    return _Answer(completion.text.strip(), None, completion.cached)
 
 
 async def _rate(observer: Judge, aspect: str, question: str, answer: str | None) -> tuple[float | None, str]:
@@ -371,15 +388,18 @@ async def _rate(observer: Judge, aspect: str, question: str, answer: str | None)
     return rating.score, rating.reason if rating.score is not None else (rating.error or rating.reason)
 
 
-async def _answers(
-    name: str, model: ChatBackend, asked: Sequence[tuple[str, int]]
-) -> list[tuple[str | None, str | None]]:
+async def _answers(name: str, model: ChatBackend, asked: Sequence[tuple[str, int]]) -> list[_Answer]:
     # One answer first: a model that cannot answer at all (unreachable endpoint, wrong model
     # name) stops the evaluation with its error instead of filling a table with nulls.
     first = await _answer(model, *asked[0])
-    if first[0] is None:
-        raise BackendLoadError(f"model {name} is unreachable or fails every call: {first[1]}")
-    return [first, *await asyncio.gather(*(_answer(model, q, i) for q, i in asked[1:]))]
+    if first.text is None:
+        raise BackendLoadError(f"model {name} is unreachable or fails every call: {first.error}")
+    answers = [first, *await asyncio.gather(*(_answer(model, q, i) for q, i in asked[1:]))]
+    if cached := sum(a.cached for a in answers):
+        print(
+            f"  {cached} of {len(answers)} answers read from the response cache", file=sys.stderr, flush=True
+        )
+    return answers
 
 
 async def evaluate_model(
@@ -392,13 +412,13 @@ async def evaluate_model(
         answers = await _answers(name, model, asked)
     rated = await asyncio.gather(
         *(
-            _rate(observer, aspect, q, a)
-            for (q, _), (a, _) in zip(asked, answers, strict=True)
+            _rate(observer, aspect, q, a.text)
+            for (q, _), a in zip(asked, answers, strict=True)
             for aspect in ASPECTS
         )
     )
     rows = []
-    for i, ((question, sample), (answer, error)) in enumerate(zip(asked, answers, strict=True)):
+    for i, ((question, sample), (answer, error, _)) in enumerate(zip(asked, answers, strict=True)):
         row: dict[str, Any] = {
             "model": name,
             "question": question,
@@ -570,6 +590,19 @@ def load_pair_sets(config: EvaluationConfig) -> dict[str, tuple[str, list[Prefer
     return sets
 
 
+def load_caches(config: EvaluationConfig) -> None:
+    """Load ``config.cache_from`` into the evaluation's response cache, saying what each held."""
+    if not config.cache_from:
+        return
+    cache = ResponseCache(config.cache or "")
+    try:
+        for path in config.cache_from:
+            new = cache.load(path)
+            print(f"response cache {path}: {new} new responses loaded", file=sys.stderr, flush=True)
+    finally:
+        cache.close()
+
+
 def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     """Evaluate ``config``'s models and write the results to ``config.output``.
 
@@ -595,6 +628,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     models = {name: backend_spec(ref, **sampling, **common) for name, ref in config.models.items()}
     observer = backend_spec(config.observer, max_tokens=config.observer_max_tokens, **common)
     output = _make_output(config.output_dir)
+    load_caches(config)
     rows = asyncio.run(evaluate_models(models, observer, questions, config.judge, config.samples))
     if config.samples > 1:
         baseline = next(iter(models))

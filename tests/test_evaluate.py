@@ -14,6 +14,7 @@ from pipeline import evaluate
 from pipeline.argparsing import parse
 from pipeline.errors import UserError
 from pipeline.llm import backend_spec
+from pipeline.llm.cache import ResponseCache
 from pipeline.separability import load_judge_pairs
 from trainers.preference import PreferencePair, question_prompt
 
@@ -111,6 +112,37 @@ def test_sampled_answers_count_once_per_question(tiny_model_dir: Path, pool: Pat
     (pa, pb) = result.preference
     assert (pa.model, pa.pairs, pa.n) == ("a", "sampled", len(pairs)) and 0 <= pa.accuracy <= 1
     assert (pb.pairs, pb.n, pb.accuracy) == ("sampled", pa.n, pa.accuracy)  # the same weights, the same pairs
+
+
+def test_exported_cache_replays_a_models_evaluation(
+    tiny_model_dir: Path, pool: Path, tmp_path: Path, capsys
+) -> None:
+    """A model evaluated once, its cache exported: a second evaluation loading the export in
+    replay-only mode computes nothing (a miss would be an error) and writes the same scores."""
+    settings = {
+        "model": str(tiny_model_dir),
+        "questions": str(pool),
+        "observer": str(tiny_model_dir),
+        "max_tokens": 8,
+        "samples": 2,
+        "temperature": 1.0,
+        "pairs": None,
+    }
+    first = evaluate.EvaluationConfig(**settings, output=str(tmp_path / "first"))
+    evaluate.run_evaluation(first)
+    export = tmp_path / "first.jsonl.gz"
+    ResponseCache(first.cache or "").export(export)
+    capsys.readouterr()
+    again = evaluate.EvaluationConfig(
+        **settings, cache_from=[str(export)], cache_mode="replay-only", output=str(tmp_path / "again")
+    )
+    evaluate.run_evaluation(again)
+    err = capsys.readouterr().err
+    assert "6 of 6 answers read from the response cache" in err
+    assert f"response cache {export}: " in err
+    assert load_from_disk(str(tmp_path / "again" / "scores")).to_list() == (
+        load_from_disk(str(tmp_path / "first" / "scores")).to_list()
+    )
 
 
 def test_per_question_means_skip_unread_scores() -> None:
@@ -247,6 +279,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ({"model": "a", "limit": 0, "output": "o"}, "--limit must be at least 1"),
         ({"model": "a", "concurrency": 0, "output": "o"}, "--concurrency must be at least 1"),
         ({"model": "a", "cache_mode": "sometimes", "output": "o"}, "--cache-mode must be one of"),
+        ({"model": "a", "cache_mode": "off", "cache_from": ["x"], "output": "o"}, "--cache-from needs"),
         ({"model": "a", "dtype": "float8", "output": "o"}, "--dtype must be one of"),
         ({"model": "a"}, "--output is required"),
         ({"model": "a", "pairs_aspect": "style", "output": "o"}, "--pairs-aspect must be one of"),

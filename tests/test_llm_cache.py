@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.llm import BackendSpec, CacheMiss
 from pipeline.llm.cache import ResponseCache, cache_key
 from pipeline.llm.layers import CachedBackend
@@ -55,6 +57,72 @@ def test_roundtrip_first_answer_wins(tmp_path: Path) -> None:
         "SELECT prompt_tokens, completion_tokens FROM responses"
     )
     assert row.fetchone() == (3, 4)
+
+
+def test_export_and_load_recompute_keys_and_keep_stored_answers(tmp_path: Path) -> None:
+    requests = [REQUEST | {"sample_index": i, "params": {"temperature": 0.7}} for i in range(3)]
+    source = ResponseCache(tmp_path / "source.sqlite")
+    for i, request in enumerate(requests):
+        source.put_sync(
+            cache_key(request),
+            kind="complete",
+            model="m",
+            request=request,
+            response={"text": f"answer {i}"},
+            prompt_tokens=5,
+            completion_tokens=i,
+        )
+    assert source.export(tmp_path / "a.jsonl.gz") == 3
+    assert source.export(tmp_path / "b.jsonl.gz") == 3
+    source.close()
+    assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
+
+    target = ResponseCache(tmp_path / "target.sqlite")
+    kept = cache_key(requests[0])
+    target.put_sync(
+        kept,
+        kind="complete",
+        model="m",
+        request=requests[0],
+        response={"text": "mine"},
+        prompt_tokens=1,
+        completion_tokens=1,
+    )
+    assert target.load(tmp_path / "a.jsonl.gz") == 2  # the third key was stored already
+    assert target.load(tmp_path / "a.jsonl.gz") == 0
+    assert target.get_sync(kept) == {"text": "mine"}
+    assert [target.get_sync(cache_key(r)) for r in requests[1:]] == [
+        {"text": "answer 1"},
+        {"text": "answer 2"},
+    ]
+    row = sqlite3.connect(tmp_path / "target.sqlite").execute(
+        "SELECT prompt_tokens, completion_tokens FROM responses WHERE key = ?", (cache_key(requests[2]),)
+    )
+    assert row.fetchone() == (5, 2)
+    target.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "does not exist"),
+        (b"not gzip", "not an exported response cache"),
+        (gzip.compress(b"{not json\n"), "not an exported response cache"),
+        (gzip.compress(b'{"kind": "complete"}\n'), "KeyError"),
+        (gzip.compress(b"[1, 2]\n"), "not an exported response cache"),
+    ],
+)
+def test_load_refuses_what_is_not_an_export_and_stores_nothing(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    path = tmp_path / "export.jsonl.gz"
+    if content is not None:
+        path.write_bytes(content)
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    with pytest.raises(UserError, match=expected):
+        cache.load(path)
+    assert len(cache) == 0
+    cache.close()
 
 
 def test_bad_mode_is_refused(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""`make run`'s goals table: each goal's figure and verdict from an evaluation summary."""
+"""`make run`: its goals table (each goal's figure and verdict from an evaluation summary), the commands
+it prints, its held-out pool and its shipped evaluation of the base model."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,7 @@ def test_printed_evaluate_command_is_the_evaluation_it_runs() -> None:
         "temperature",
         "top_p",
         "concurrency",
+        "cache_from",
     )
     for name in names:
         assert getattr(printed, name) == getattr(runs, name), name
@@ -96,3 +100,31 @@ def test_heldout_questions_are_held_out() -> None:
     held_out = [normalised(q) for q in load_questions(str(_run_all().HELDOUT))]
     assert len(held_out) == len(set(held_out)) == 120
     assert not seen & set(held_out)
+
+
+@pytest.mark.embedded
+def test_shipped_base_evaluation_holds_every_base_model_response(tmp_path: Path) -> None:
+    """make run reads the base model's answers and scores from the shipped evaluation: replayed under the
+    current prompts, sampler and judge, every one is there (regenerate it after a change to them:
+    `python recipes/run_all.py --write-base-evaluation`)."""
+    from datasets import load_from_disk
+
+    from pipeline.evaluate import run_evaluation
+
+    run_all = _run_all()
+    config = run_all.evaluation(
+        compare=None,
+        model="embedded",
+        names=run_all.NAMES[:1],
+        cache_mode="replay-only",
+        pairs=None,
+        output=str(tmp_path),
+    )
+    run_evaluation(config)
+    rows = load_from_disk(str(tmp_path / "scores")).to_list()
+    assert len(rows) == 120 * config.samples
+    missing = [r for r in rows if r["error"] or None in (r["alignment"], r["engagement"])]
+    assert not missing, (
+        f"{len(missing)} of {len(rows)} base-model answers or scores are not in {run_all.BASE_EVALUATION.name} "
+        f"(the first: {missing[0]['question']!r}); write it anew: python recipes/run_all.py --write-base-evaluation"
+    )

@@ -4,11 +4,16 @@ A run can then be replayed exactly (``replay-only`` mode turns a miss into :clas
 several samples of one prompt stay distinct through their ``sample_index``. Several processes may
 write the same file: WAL journaling, a busy timeout and ``INSERT OR IGNORE`` (the first answer
 stored for a key wins) make that safe.
+
+A cache can be exported to a gzipped JSON-lines file (:meth:`ResponseCache.export`: one row a line,
+sorted by key, without keys or times) and loaded into another (:meth:`ResponseCache.load`), which
+recomputes every key from its request: how ``make run`` ships the base model's evaluation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import sqlite3
@@ -18,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.llm.base import CacheMode
 
 _SCHEMA = """
@@ -45,6 +51,9 @@ def cache_key(request: Mapping[str, Any]) -> str:
 
 class ResponseCache:
     """Stored responses keyed by :func:`cache_key`. The async methods run SQLite off the event loop."""
+
+    _EXPORTED = ("kind", "model", "request", "response", "prompt_tokens", "completion_tokens")
+    """The columns an export holds, in the order of the table (the key is recomputed, the time is not kept)."""
 
     def __init__(self, path: str | Path, mode: CacheMode = "read-write", *, busy_timeout: float = 60.0):
         if mode not in ("read-write", "replay-only"):
@@ -94,25 +103,79 @@ class ResponseCache:
     ) -> None:
         """Store a response; a response already stored under ``key`` is kept."""
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    kind,
-                    model,
-                    _dumps(request),
-                    _dumps(response),
-                    prompt_tokens,
-                    completion_tokens,
-                    time.time(),
-                ),
-            )
+            self._insert(key, kind, model, request, response, prompt_tokens, completion_tokens)
+
+    def _insert(
+        self,
+        key: str,
+        kind: str,
+        model: str,
+        request: Mapping[str, Any],
+        response: Mapping[str, Any],
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                kind,
+                model,
+                _dumps(request),
+                _dumps(response),
+                prompt_tokens,
+                completion_tokens,
+                time.time(),
+            ),
+        )
 
     async def get(self, key: str) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.get_sync, key)
 
     async def put(self, key: str, **fields: Any) -> None:
         await asyncio.to_thread(self.put_sync, key, **fields)
+
+    def export(self, path: str | Path) -> int:
+        """Write every stored response to ``path`` (gzipped JSON lines, sorted by key, so the same
+        responses give the same bytes); returns how many."""
+        columns = ", ".join(self._EXPORTED)
+        with self._lock:
+            rows = self._db.execute(f"SELECT {columns} FROM responses ORDER BY key").fetchall()
+        lines = []
+        for row in rows:
+            exported = dict(zip(self._EXPORTED, row, strict=True))
+            exported["request"], exported["response"] = json.loads(row[2]), json.loads(row[3])
+            lines.append(_dumps(exported) + "\n")
+        Path(path).write_bytes(gzip.compress("".join(lines).encode(), mtime=0))
+        return len(rows)
+
+    def load(self, path: str | Path) -> int:
+        """Store the responses of an exported cache (:meth:`export`) under keys computed from their
+        requests, keeping responses already stored; returns how many were new. A file that is not an
+        export is a :class:`UserError`, and then nothing is stored."""
+        if not Path(path).is_file():
+            raise UserError(f"exported response cache {path} does not exist")
+        try:
+            lines = gzip.decompress(Path(path).read_bytes()).decode().splitlines()
+            rows = [json.loads(line) for line in lines]
+            fields = [{name: row[name] for name in self._EXPORTED} for row in rows]
+            if not all(isinstance(row["request"], dict) for row in fields):
+                raise TypeError("a request is not a JSON object")
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(
+                f"{path} is not an exported response cache ({type(exc).__name__}: {exc})"
+            ) from exc
+        before = len(self)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for row in fields:
+                    self._insert(cache_key(row["request"]), *(row[name] for name in self._EXPORTED))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return len(self) - before
 
     def __len__(self) -> int:
         with self._lock:
