@@ -102,31 +102,18 @@ class ResponseCache:
         completion_tokens: int,
     ) -> None:
         """Store a response; a response already stored under ``key`` is kept."""
+        row = {"kind": kind, "model": model, "request": request, "response": response}
         with self._lock:
-            self._insert(key, kind, model, request, response, prompt_tokens, completion_tokens)
+            self._insert(key, row | {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
 
-    def _insert(
-        self,
-        key: str,
-        kind: str,
-        model: str,
-        request: Mapping[str, Any],
-        response: Mapping[str, Any],
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> None:
+    def _insert(self, key: str, row: Mapping[str, Any]) -> None:
+        """Store ``row`` (the exported fields) under ``key`` unless a response is stored there; the
+        caller holds the lock."""
+        values = [
+            _dumps(row[name]) if name in ("request", "response") else row[name] for name in self._EXPORTED
+        ]
         self._db.execute(
-            "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                kind,
-                model,
-                _dumps(request),
-                _dumps(response),
-                prompt_tokens,
-                completion_tokens,
-                time.time(),
-            ),
+            "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (key, *values, time.time())
         )
 
     async def get(self, key: str) -> dict[str, Any] | None:
@@ -170,7 +157,7 @@ class ResponseCache:
             self._db.execute("BEGIN")
             try:
                 for row in fields:
-                    self._insert(cache_key(row["request"]), *(row[name] for name in self._EXPORTED))
+                    self._insert(cache_key(row["request"]), row)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
