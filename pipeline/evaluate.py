@@ -41,7 +41,7 @@ from pipeline.errors import BackendLoadError, UserError, run_command
 from pipeline.judge import Judge, JudgeConfig
 from pipeline.llm import BackendSpec, ChatBackend, LLMError, backend_spec, build_backend
 from pipeline.llm.base import CacheMode, Dtype
-from pipeline.llm.cache import ResponseCache
+from pipeline.llm.cache import ResponseCache, read_export
 from pipeline.llm.factory import MODEL_REFERENCE
 from pipeline.llm.ratings import SCALE
 from pipeline.questions import load_questions
@@ -590,15 +590,17 @@ def load_pair_sets(config: EvaluationConfig) -> dict[str, tuple[str, list[Prefer
     return sets
 
 
-def load_caches(config: EvaluationConfig) -> None:
-    """Load ``config.cache_from`` into the evaluation's response cache, saying what each held."""
-    if not config.cache_from:
+def load_exports(cache_path: str, exports: dict[str, list[dict[str, Any]]]) -> None:
+    """Store exported caches' rows (``--cache-from``) in the evaluation's response cache, saying what each held."""
+    if not exports:
         return
-    cache = ResponseCache(config.cache or "")
+    cache = ResponseCache(cache_path)
     try:
-        for path in config.cache_from:
-            new = cache.load(path)
-            print(f"response cache {path}: {new} new responses loaded", file=sys.stderr, flush=True)
+        for path, rows in exports.items():
+            new = cache.load(rows)
+            print(
+                f"response cache {path}: {new} of {len(rows)} responses loaded", file=sys.stderr, flush=True
+            )
     finally:
         cache.close()
 
@@ -617,6 +619,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     if config.simulation_questions:
         warn_overlap(questions, config.simulation_questions)
     pair_sets = load_pair_sets(config)
+    exports = {path: read_export(path) for path in config.cache_from or []}
     common = {
         "max_concurrency": config.concurrency,
         "max_batch_size": config.concurrency,
@@ -628,7 +631,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     models = {name: backend_spec(ref, **sampling, **common) for name, ref in config.models.items()}
     observer = backend_spec(config.observer, max_tokens=config.observer_max_tokens, **common)
     output = _make_output(config.output_dir)
-    load_caches(config)
+    load_exports(config.cache or "", exports)
     rows = asyncio.run(evaluate_models(models, observer, questions, config.judge, config.samples))
     if config.samples > 1:
         baseline = next(iter(models))

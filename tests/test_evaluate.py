@@ -14,7 +14,7 @@ from pipeline import evaluate
 from pipeline.argparsing import parse
 from pipeline.errors import UserError
 from pipeline.llm import backend_spec
-from pipeline.llm.cache import ResponseCache
+from pipeline.llm.cache import ResponseCache, read_export
 from pipeline.separability import load_judge_pairs
 from trainers.preference import PreferencePair, question_prompt
 
@@ -139,7 +139,7 @@ def test_exported_cache_replays_a_models_evaluation(
     evaluate.run_evaluation(again)
     err = capsys.readouterr().err
     assert "6 of 6 answers read from the response cache" in err
-    assert f"response cache {export}: " in err
+    assert f"response cache {export}: {len(read_export(export))} of " in err
     assert load_from_disk(str(tmp_path / "again" / "scores")).to_list() == (
         load_from_disk(str(tmp_path / "first" / "scores")).to_list()
     )
@@ -311,6 +311,10 @@ def test_cli_bad_settings_are_one_line(tmp_path: Path, capsys) -> None:
         (
             ["--model", "embedded", "--heldout-groups", str(tmp_path), "--output", str(output)],
             "not a `sandbox",
+        ),
+        (
+            ["--model", "embedded", "--cache-from", str(tmp_path / "none.gz"), "--output", str(output)],
+            "does not exist",
         ),
     ):
         code = evaluate.main(argv)

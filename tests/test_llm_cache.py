@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.llm import BackendSpec, CacheMiss
-from pipeline.llm.cache import ResponseCache, cache_key
+from pipeline.llm.cache import ResponseCache, cache_key, read_export
 from pipeline.llm.layers import CachedBackend
 
 REQUEST = {"kind": "complete", "endpoint": "e", "model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -88,8 +88,10 @@ def test_export_and_load_recompute_keys_and_keep_stored_answers(tmp_path: Path) 
         prompt_tokens=1,
         completion_tokens=1,
     )
-    assert target.load(tmp_path / "a.jsonl.gz") == 2  # the third key was stored already
-    assert target.load(tmp_path / "a.jsonl.gz") == 0
+    rows = read_export(tmp_path / "a.jsonl.gz")
+    assert [row["request"] for row in rows] == sorted(requests, key=cache_key)
+    assert target.load(rows) == 2  # the third key was stored already
+    assert target.load(rows) == 0
     assert target.get_sync(kept) == {"text": "mine"}
     assert [target.get_sync(cache_key(r)) for r in requests[1:]] == [
         {"text": "answer 1"},
@@ -112,17 +114,14 @@ def test_export_and_load_recompute_keys_and_keep_stored_answers(tmp_path: Path) 
         (gzip.compress(b"[1, 2]\n"), "not an exported response cache"),
     ],
 )
-def test_load_refuses_what_is_not_an_export_and_stores_nothing(
+def test_read_export_refuses_what_is_not_an_export(
     tmp_path: Path, content: bytes | None, expected: str
 ) -> None:
     path = tmp_path / "export.jsonl.gz"
     if content is not None:
         path.write_bytes(content)
-    cache = ResponseCache(tmp_path / "c.sqlite")
     with pytest.raises(UserError, match=expected):
-        cache.load(path)
-    assert len(cache) == 0
-    cache.close()
+        read_export(path)
 
 
 def test_bad_mode_is_refused(tmp_path: Path) -> None:

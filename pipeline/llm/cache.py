@@ -6,8 +6,9 @@ write the same file: WAL journaling, a busy timeout and ``INSERT OR IGNORE`` (th
 stored for a key wins) make that safe.
 
 A cache can be exported to a gzipped JSON-lines file (:meth:`ResponseCache.export`: one row a line,
-sorted by key, without keys or times) and loaded into another (:meth:`ResponseCache.load`), which
-recomputes every key from its request: how ``make run`` ships the base model's evaluation.
+sorted by key, without keys or times), read back (:func:`read_export`) and loaded into another
+(:meth:`ResponseCache.load`), which recomputes every key from its request: how ``make run`` ships the
+base model's evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,27 @@ def cache_key(request: Mapping[str, Any]) -> str:
     return hashlib.sha256(_dumps(request).encode()).hexdigest()
 
 
+_EXPORTED = ("kind", "model", "request", "response", "prompt_tokens", "completion_tokens")
+"""The columns an export holds, in the order of the table (the key is recomputed, the time is not kept)."""
+
+
+def read_export(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an exported cache (:meth:`ResponseCache.export`); a file that is not one is a
+    :class:`UserError`."""
+    if not Path(path).is_file():
+        raise UserError(f"exported response cache {path} does not exist")
+    try:
+        rows = [json.loads(line) for line in gzip.decompress(Path(path).read_bytes()).decode().splitlines()]
+        fields = [{name: row[name] for name in _EXPORTED} for row in rows]
+        if not all(isinstance(row["request"], dict) for row in fields):
+            raise TypeError("a request is not a JSON object")
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not an exported response cache ({type(exc).__name__}: {exc})") from exc
+    return fields
+
+
 class ResponseCache:
     """Stored responses keyed by :func:`cache_key`. The async methods run SQLite off the event loop."""
-
-    _EXPORTED = ("kind", "model", "request", "response", "prompt_tokens", "completion_tokens")
-    """The columns an export holds, in the order of the table (the key is recomputed, the time is not kept)."""
 
     def __init__(self, path: str | Path, mode: CacheMode = "read-write", *, busy_timeout: float = 60.0):
         if mode not in ("read-write", "replay-only"):
@@ -109,9 +126,7 @@ class ResponseCache:
     def _insert(self, key: str, row: Mapping[str, Any]) -> None:
         """Store ``row`` (the exported fields) under ``key`` unless a response is stored there; the
         caller holds the lock."""
-        values = [
-            _dumps(row[name]) if name in ("request", "response") else row[name] for name in self._EXPORTED
-        ]
+        values = [_dumps(row[name]) if name in ("request", "response") else row[name] for name in _EXPORTED]
         self._db.execute(
             "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (key, *values, time.time())
         )
@@ -125,38 +140,25 @@ class ResponseCache:
     def export(self, path: str | Path) -> int:
         """Write every stored response to ``path`` (gzipped JSON lines, sorted by key, so the same
         responses give the same bytes); returns how many."""
-        columns = ", ".join(self._EXPORTED)
+        columns = ", ".join(_EXPORTED)
         with self._lock:
             rows = self._db.execute(f"SELECT {columns} FROM responses ORDER BY key").fetchall()
         lines = []
         for row in rows:
-            exported = dict(zip(self._EXPORTED, row, strict=True))
+            exported = dict(zip(_EXPORTED, row, strict=True))
             exported["request"], exported["response"] = json.loads(row[2]), json.loads(row[3])
             lines.append(_dumps(exported) + "\n")
         Path(path).write_bytes(gzip.compress("".join(lines).encode(), mtime=0))
         return len(rows)
 
-    def load(self, path: str | Path) -> int:
-        """Store the responses of an exported cache (:meth:`export`) under keys computed from their
-        requests, keeping responses already stored; returns how many were new. A file that is not an
-        export is a :class:`UserError`, and then nothing is stored."""
-        if not Path(path).is_file():
-            raise UserError(f"exported response cache {path} does not exist")
-        try:
-            lines = gzip.decompress(Path(path).read_bytes()).decode().splitlines()
-            rows = [json.loads(line) for line in lines]
-            fields = [{name: row[name] for name in self._EXPORTED} for row in rows]
-            if not all(isinstance(row["request"], dict) for row in fields):
-                raise TypeError("a request is not a JSON object")
-        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(
-                f"{path} is not an exported response cache ({type(exc).__name__}: {exc})"
-            ) from exc
+    def load(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Store the rows of an exported cache (:func:`read_export`) under keys computed from their
+        requests, keeping responses already stored; returns how many were new."""
         before = len(self)
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                for row in fields:
+                for row in rows:
                     self._insert(cache_key(row["request"]), row)
             except BaseException:
                 self._db.execute("ROLLBACK")
