@@ -116,7 +116,7 @@ def write_base_evaluation() -> None:
     """Evaluate the base model alone, as make run does, and write its responses to BASE_EVALUATION."""
     with tempfile.TemporaryDirectory() as folder:
         config = evaluation(
-            compare=None, model="embedded", names=NAMES[:1], cache_from=None, pairs=None, output=folder
+            compare=None, model="embedded", names=[NAMES[0]], cache_from=None, pairs=None, output=folder
         )
         run_evaluation(config)
         count = ResponseCache(config.cache or "").export(BASE_EVALUATION)

@@ -115,7 +115,7 @@ def test_shipped_base_evaluation_holds_every_base_model_response(tmp_path: Path)
     config = run_all.evaluation(
         compare=None,
         model="embedded",
-        names=run_all.NAMES[:1],
+        names=[run_all.NAMES[0]],
         cache_mode="replay-only",
         pairs=None,
         output=str(tmp_path),
