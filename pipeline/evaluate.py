@@ -285,6 +285,8 @@ class EvaluationResult:
     preference: list[Preference]
     paired: list[PairedDifference]
     pair_sets: dict[str, str]  # key of a set of pairs -> what it is, in words
+    # model -> (answers read with their scores from the response cache, answers): not measured in this run
+    from_cache: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -292,6 +294,7 @@ class EvaluationResult:
             "preference_accuracy": [dataclasses.asdict(p) for p in self.preference],
             "pair_sets": self.pair_sets,
             "paired_differences": [dataclasses.asdict(d) for d in self.paired],
+            "answers_from_cache": {m: {"cached": c, "answers": n} for m, (c, n) in self.from_cache.items()},
         }
 
 
@@ -378,14 +381,18 @@ async def _answer(backend: ChatBackend, question: str, sample: int) -> _Answer:
     return _Answer(completion.text.strip(), None, completion.cached)
 
 
-async def _rate(observer: Judge, aspect: str, question: str, answer: str | None) -> tuple[float | None, str]:
+async def _rate(
+    observer: Judge, aspect: str, question: str, answer: str | None
+) -> tuple[float | None, str, bool]:
+    """The score, its reason (or why there is none) and whether it was read from the response cache."""
     if answer is None:
-        return None, "no answer"
+        return None, "no answer", False
     try:
         rating = await observer.rate(aspect, question, answer)
     except LLMError as exc:
-        return None, f"observer failed: {exc}"
-    return rating.score, rating.reason if rating.score is not None else (rating.error or rating.reason)
+        return None, f"observer failed: {exc}", False
+    reason = rating.reason if rating.score is not None else (rating.error or rating.reason)
+    return rating.score, reason, rating.cached
 
 
 async def _answers(name: str, model: ChatBackend, asked: Sequence[tuple[str, int]]) -> list[_Answer]:
@@ -394,12 +401,7 @@ async def _answers(name: str, model: ChatBackend, asked: Sequence[tuple[str, int
     first = await _answer(model, *asked[0])
     if first.text is None:
         raise BackendLoadError(f"model {name} is unreachable or fails every call: {first.error}")
-    answers = [first, *await asyncio.gather(*(_answer(model, q, i) for q, i in asked[1:]))]
-    if cached := sum(a.cached for a in answers):
-        print(
-            f"  {cached} of {len(answers)} answers read from the response cache", file=sys.stderr, flush=True
-        )
-    return answers
+    return [first, *await asyncio.gather(*(_answer(model, q, i) for q, i in asked[1:]))]
 
 
 async def evaluate_model(
@@ -418,7 +420,7 @@ async def evaluate_model(
         )
     )
     rows = []
-    for i, ((question, sample), (answer, error, _)) in enumerate(zip(asked, answers, strict=True)):
+    for i, ((question, sample), (answer, error, cached)) in enumerate(zip(asked, answers, strict=True)):
         row: dict[str, Any] = {
             "model": name,
             "question": question,
@@ -426,10 +428,12 @@ async def evaluate_model(
             "answer": answer or "",
             "error": error or "",
         }
-        for j, aspect in enumerate(ASPECTS):
-            score, reason = rated[i * len(ASPECTS) + j]
+        ratings = rated[i * len(ASPECTS) : (i + 1) * len(ASPECTS)]
+        for aspect, (score, reason, _) in zip(ASPECTS, ratings, strict=True):
             row[aspect] = score
             row[f"{aspect}_reason"] = reason
+        # An answer whose scores were all stored as well was not measured in this run.
+        row["cached"] = cached and all(from_cache for _, _, from_cache in ratings)
         rows.append(row)
     return rows
 
@@ -499,8 +503,14 @@ def paired_table(result: EvaluationResult, *, markdown: bool = False) -> str:
 
 
 def results_table(result: EvaluationResult, *, markdown: bool = False) -> str:
-    """The printed results (and ``table.txt``): observer scores, preference accuracy, paired differences."""
+    """The printed results (and ``table.txt``): observer scores (saying which models' answers were read
+    from the response cache), preference accuracy, paired differences."""
     parts = [summary_table(result.summaries, markdown=markdown)]
+    if cached := [f"{m} {c} of {n}" for m, (c, n) in result.from_cache.items() if c]:
+        parts[0] += (
+            "\nanswers read with their scores from the response cache, not measured in this run: "
+            + ", ".join(cached)
+        )
     if result.preference:
         parts.append(
             "preference accuracy: share of pairs whose good answer the model finds more likely "
@@ -654,6 +664,10 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
         ),
         paired=paired_differences(scored, list(models)),
         pair_sets={k: description for k, (description, _) in pair_sets.items()},
+        from_cache={
+            m: (sum(r["cached"] for r in rows if r["model"] == m), sum(r["model"] == m for r in rows))
+            for m in models
+        },
     )
     save(rows, result, output)
     return result

@@ -136,13 +136,18 @@ def test_exported_cache_replays_a_models_evaluation(
     again = evaluate.EvaluationConfig(
         **settings, cache_from=[str(export)], cache_mode="replay-only", output=str(tmp_path / "again")
     )
-    evaluate.run_evaluation(again)
+    result = evaluate.run_evaluation(again)
     err = capsys.readouterr().err
-    assert "6 of 6 answers read from the response cache" in err
     assert f"response cache {export}: {len(read_export(export))} of " in err
-    assert load_from_disk(str(tmp_path / "again" / "scores")).to_list() == (
-        load_from_disk(str(tmp_path / "first" / "scores")).to_list()
-    )
+    first_rows = load_from_disk(str(tmp_path / "first" / "scores")).to_list()
+    again_rows = load_from_disk(str(tmp_path / "again" / "scores")).to_list()
+    assert [r.pop("cached") for r in first_rows] == [False] * 6
+    assert [r.pop("cached") for r in again_rows] == [True] * 6
+    assert again_rows == first_rows
+    assert result.from_cache == {str(tiny_model_dir): (6, 6)}
+    table = (tmp_path / "again" / "table.txt").read_text()
+    assert f"from the response cache, not measured in this run: {tiny_model_dir} 6 of 6" in table
+    assert "response cache" not in (tmp_path / "first" / "table.txt").read_text()
 
 
 def test_per_question_means_skip_unread_scores() -> None:
