@@ -112,12 +112,17 @@ def evaluation(**overrides: Any) -> EvaluationConfig:
     return EvaluationConfig(**(settings | overrides))
 
 
+def base_evaluation(**overrides: Any) -> EvaluationConfig:
+    """make run's evaluation of the base model alone, without labelled pairs (``overrides`` as above)."""
+    return evaluation(
+        **{"compare": None, "model": "embedded", "names": [NAMES[0]], "pairs": None, **overrides}
+    )
+
+
 def write_base_evaluation() -> None:
     """Evaluate the base model alone, as make run does, and write its responses to BASE_EVALUATION."""
     with tempfile.TemporaryDirectory() as folder:
-        config = evaluation(
-            compare=None, model="embedded", names=[NAMES[0]], cache_from=None, pairs=None, output=folder
-        )
+        config = base_evaluation(cache_from=None, output=folder)
         run_evaluation(config)
         count = ResponseCache(config.cache or "").export(BASE_EVALUATION)
     print(f"{count} responses written to {BASE_EVALUATION}")

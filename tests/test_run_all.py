@@ -112,14 +112,7 @@ def test_shipped_base_evaluation_holds_every_base_model_response(tmp_path: Path)
     from pipeline.evaluate import run_evaluation
 
     run_all = _run_all()
-    config = run_all.evaluation(
-        compare=None,
-        model="embedded",
-        names=[run_all.NAMES[0]],
-        cache_mode="replay-only",
-        pairs=None,
-        output=str(tmp_path),
-    )
+    config = run_all.base_evaluation(cache_mode="replay-only", output=str(tmp_path))
     run_evaluation(config)
     rows = load_from_disk(str(tmp_path / "scores")).to_list()
     assert len(rows) == 120 * config.samples
