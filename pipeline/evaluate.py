@@ -14,8 +14,11 @@ preference accuracy (:mod:`trainers.preference`): on the shipped labelled pairs 
 test half, alignment aspect); with ``--heldout-groups``, on the comparison groups of a
 ``sandbox transform`` output built from held-out questions; and with ``--samples`` above 1, on the
 first model's own answers, the best- against the worst-scored of each question's (alignment), so
-every model is measured on the same pairs. A model served over HTTP exposes no
-likelihoods of given answers here: its preference accuracy is reported as n/a.
+every model is measured on the same pairs. Each model's mean preference margin (the bad answer's
+mean token NLL minus the good one's) is reported too, and each model after the first is compared
+with the first pair by pair (paired margin differences, 95% t intervals): a shift of the margins
+that moves no pair across 0 leaves the accuracy unchanged. A model served over HTTP exposes no
+likelihoods of given answers here: its preference accuracy and margins are reported as n/a.
 
 :func:`run_evaluation` does the work; :func:`main` only parses the command line into an
 :class:`EvaluationConfig` and calls it.
@@ -55,7 +58,9 @@ from trainers.preference import (
     group_pairs,
     is_read,
     labelled_pairs,
+    nll_margins,
     paired_difference,
+    preference_from_nlls,
 )
 
 Z_95 = statistics.NormalDist().inv_cdf(0.975)
@@ -262,6 +267,21 @@ class Preference:
     accuracy: float | None  # share of pairs whose good answer has the lower mean token NLL
     low: float | None  # 95% Wilson score interval
     high: float | None
+    margin: float | None = None  # mean over the pairs of NLL(bad) - NLL(good), nats a token
+    margins: list[float] = field(default_factory=list)  # each pair's NLL(bad) - NLL(good), in the set's order
+
+
+@dataclass(frozen=True)
+class MarginDifference:
+    """Mean preference-margin difference ``model - baseline`` over the pairs of one set both were measured on."""
+
+    model: str
+    baseline: str
+    pairs: str  # a key of EvaluationResult.pair_sets
+    n: int
+    mean: float | None
+    low: float | None  # 95% Student t interval of the mean difference
+    high: float | None
 
 
 @dataclass(frozen=True)
@@ -279,12 +299,14 @@ class PairedDifference:
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """Everything ``summary.json`` holds: observer scores, preference accuracies, paired differences."""
+    """Everything ``summary.json`` holds: observer scores, preference accuracies and margins, paired
+    differences."""
 
     summaries: list[Summary]
     preference: list[Preference]
     paired: list[PairedDifference]
     pair_sets: dict[str, str]  # key of a set of pairs -> what it is, in words
+    margin_differences: list[MarginDifference] = field(default_factory=list)
     # model -> (answers read with their scores from the response cache, answers): not measured in this run
     from_cache: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -294,6 +316,7 @@ class EvaluationResult:
             "preference_accuracy": [dataclasses.asdict(p) for p in self.preference],
             "pair_sets": self.pair_sets,
             "paired_differences": [dataclasses.asdict(d) for d in self.paired],
+            "preference_margin_differences": [dataclasses.asdict(d) for d in self.margin_differences],
             "answers_from_cache": {m: {"cached": c, "answers": n} for m, (c, n) in self.from_cache.items()},
         }
 
@@ -349,8 +372,8 @@ def measure_preference(
     batch_size: int,
     autocast: str | None = None,
 ) -> list[Preference]:
-    """Preference accuracy of every model on every set of pairs (n/a for models served over HTTP), the forward
-    passes under ``autocast`` (a dtype name) if given."""
+    """Preference accuracy and margins of every model on every set of pairs (n/a for models served over
+    HTTP), the forward passes under ``autocast`` (a dtype name) if given."""
     results = []
     for name, spec in models.items():
         path = _scoring_path(spec)
@@ -362,9 +385,26 @@ def measure_preference(
             print(
                 f"preference accuracy of {name} on {len(pairs)} {key} pairs ...", file=sys.stderr, flush=True
             )
-            e = scorer.preference_accuracy(pairs, batch_size)
-            results.append(Preference(name, key, e.n, e.value, e.low, e.high))
+            nlls = scorer.pair_nlls(pairs, batch_size)
+            e = preference_from_nlls([good for good, _ in nlls], [bad for _, bad in nlls])
+            margins = nll_margins(nlls)
+            margin = statistics.fmean(margins) if margins else None
+            results.append(Preference(name, key, e.n, e.value, e.low, e.high, margin, margins))
     return results
+
+
+def margin_differences(preference: Sequence[Preference], baseline: str) -> list[MarginDifference]:
+    """Each other model's preference margins against ``baseline``'s, pair by pair, per set of pairs
+    (n = 0 where either model's margins were not measured)."""
+    base = {p.pairs: p.margins for p in preference if p.model == baseline}
+    differences = []
+    for p in preference:
+        if p.model == baseline:
+            continue
+        measured = bool(p.margins and base.get(p.pairs))
+        e = paired_difference(base[p.pairs], p.margins) if measured else paired_difference([], [])
+        differences.append(MarginDifference(p.model, baseline, p.pairs, e.n, e.value, e.low, e.high))
+    return differences
 
 
 class _Answer(NamedTuple):
@@ -502,9 +542,26 @@ def paired_table(result: EvaluationResult, *, markdown: bool = False) -> str:
     return format_table(["observer score difference", *ASPECTS], rows, markdown=markdown)
 
 
+def margin_table(result: EvaluationResult, *, markdown: bool = False) -> str:
+    """Sets of pairs as columns: each model's mean margin, then each other model's paired difference
+    from the baseline ``mean [95% interval] (n=...)``; n/a where not measurable."""
+    by_key = {(p.model, p.pairs): p for p in result.preference}
+    rows = [
+        [m, *(_interval(by_key[m, k].margin, None, None, by_key[m, k].n, "+.3f") for k in result.pair_sets)]
+        for m in dict.fromkeys(p.model for p in result.preference)
+    ]
+    differences = {(d.model, d.pairs): d for d in result.margin_differences}
+    for m in dict.fromkeys(d.model for d in result.margin_differences):
+        cells = [differences[m, k] for k in result.pair_sets]
+        rows.append(
+            [f"{m} - {cells[0].baseline}", *(_interval(d.mean, d.low, d.high, d.n, "+.3f") for d in cells)]
+        )
+    return format_table(["model", *result.pair_sets.values()], rows, markdown=markdown)
+
+
 def results_table(result: EvaluationResult, *, markdown: bool = False) -> str:
     """The printed results (and ``table.txt``): observer scores (saying which models' answers were read
-    from the response cache), preference accuracy, paired differences."""
+    from the response cache), preference accuracy and margins, paired differences."""
     parts = [summary_table(result.summaries, markdown=markdown)]
     if cached := [f"{m} {c} of {n}" for m, (c, n) in result.from_cache.items() if c]:
         parts[0] += (
@@ -515,6 +572,11 @@ def results_table(result: EvaluationResult, *, markdown: bool = False) -> str:
         parts.append(
             "preference accuracy: share of pairs whose good answer the model finds more likely "
             "(lower mean token NLL), 95% Wilson interval\n" + preference_table(result, markdown=markdown)
+        )
+        parts.append(
+            "preference margin: mean token NLL of the bad answer minus the good answer's, nats (above 0: the "
+            "good answer is the more likely); differences over the same pairs, 95% t interval\n"
+            + margin_table(result, markdown=markdown)
         )
     if result.paired:
         parts.append(
@@ -619,8 +681,9 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     """Evaluate ``config``'s models and write the results to ``config.output``.
 
     Returns what ``summary.json`` holds: one :class:`Summary` per model and aspect (models in
-    order, then :data:`ASPECTS`), one :class:`Preference` per model and set of pairs, and one
-    :class:`PairedDifference` per model after the first and aspect. Raises :class:`UserError` for
+    order, then :data:`ASPECTS`), one :class:`Preference` per model and set of pairs, one
+    :class:`PairedDifference` per model after the first and aspect, and one :class:`MarginDifference`
+    per model after the first and set of pairs. Raises :class:`UserError` for
     a bad pool, set of pairs or output folder and :class:`BackendLoadError` for a model that
     cannot be loaded or reached; nothing is written to the output folder but the response cache
     until every model is scored.
@@ -650,20 +713,22 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
             answer_pairs(rows, baseline),
         )
     scored = per_question(rows)
+    preference = measure_preference(
+        models,
+        {k: pairs for k, (_, pairs) in pair_sets.items()},
+        config.preference_batch_size,
+        # Half-precision weights change NLLs more than the gaps between answers; autocast over float32
+        # weights is how bf16 training computes them (demo: 40% faster, 1 pair of 324 changed side).
+        autocast=config.dtype if config.dtype in ("bfloat16", "float16") else None,
+    )
     result = EvaluationResult(
         summaries=[
             summarize(m, a, [r[a] for r in scored if r["model"] == m]) for m in models for a in ASPECTS
         ],
-        preference=measure_preference(
-            models,
-            {k: pairs for k, (_, pairs) in pair_sets.items()},
-            config.preference_batch_size,
-            # Half-precision weights change NLLs more than the gaps between answers; autocast over float32
-            # weights is how bf16 training computes them (demo: 40% faster, 1 pair of 324 changed side).
-            autocast=config.dtype if config.dtype in ("bfloat16", "float16") else None,
-        ),
+        preference=preference,
         paired=paired_differences(scored, list(models)),
         pair_sets={k: description for k, (description, _) in pair_sets.items()},
+        margin_differences=margin_differences(preference, next(iter(models))),
         from_cache={
             m: (sum(r["cached"] for r in rows if r["model"] == m), sum(r["model"] == m for r in rows))
             for m in models

@@ -541,12 +541,16 @@ def sandbox_figures(sim: Path) -> dict[str, Any]:
 
 
 def _model_figures(summary: dict[str, Any], name: str) -> dict[str, Any]:
-    """One model's held-out observer scores and preference accuracies from an evaluation's summary."""
+    """One model's held-out observer scores and preference accuracies and margins from an evaluation's
+    summary (no margin in one written before margins were measured)."""
     scores = {s["aspect"]: s for s in summary["observer_scores"] if s["model"] == name}
     preference = {p["pairs"]: p for p in summary["preference_accuracy"] if p["model"] == name}
     return {
         "heldout": {a: {k: scores[a][k] for k in ("mean", "ci95", "n")} for a in ASPECTS},
-        "preference": {k: {f: p[f] for f in ("accuracy", "low", "high", "n")} for k, p in preference.items()},
+        "preference": {
+            k: {f: p.get(f) for f in ("accuracy", "low", "high", "n", "margin")}
+            for k, p in preference.items()
+        },
     }
 
 

@@ -200,7 +200,15 @@ def goals(evaluation: dict) -> str:
         f"{key} accuracy"
         for (model, key), p in accuracy.items()
         if model == trained and p["accuracy"] is not None and p["accuracy"] < accuracy[base, key]["accuracy"]
-    ] + [f"{aspect} score" for aspect, d in differences.items() if d["mean"] is not None and d["mean"] < 0]
+    ]
+    fell += [
+        f"{d['pairs']} margin"
+        for d in evaluation.get("preference_margin_differences", [])
+        if d["model"] == trained and d["mean"] is not None and d["mean"] < 0
+    ]
+    fell += [
+        f"{aspect} score" for aspect, d in differences.items() if d["mean"] is not None and d["mean"] < 0
+    ]
     rows.append(
         (
             "no point estimate below the base model's",

@@ -68,7 +68,21 @@ def test_compare_two_models(tiny_model_dir: Path, pool: Path, tmp_path: Path, ca
     assert pa["n"] == len(load_judge_pairs("alignment", "test")) and 0 <= pa["accuracy"] <= 1
     assert pa["low"] <= pa["accuracy"] <= pa["high"]
     assert {k: v for k, v in pa.items() if k != "model"} == {k: v for k, v in pb.items() if k != "model"}
+    assert len(pa["margins"]) == pa["n"] and pa["margin"] == pytest.approx(sum(pa["margins"]) / pa["n"])
+    # ... and every pair's margin is the same for both, so their paired margin difference is exactly 0.
+    assert written["preference_margin_differences"] == [
+        {
+            "model": "b",
+            "baseline": "a",
+            "pairs": "labelled",
+            "n": pa["n"],
+            "mean": 0.0,
+            "low": 0.0,
+            "high": 0.0,
+        }
+    ]
     assert "preference accuracy" in table and "paired observer score differences" in table
+    assert "preference margin" in table and "b - a" in table
     assert (output / "evaluation.png").stat().st_size > 1000
 
 
@@ -256,8 +270,14 @@ def test_preference_is_na_for_http_models_and_skipped_without_pairs(tiny_model_d
     local, served = evaluate.measure_preference(models, {"labelled": pairs}, batch_size=4)
     assert (local.n, served.n, served.accuracy) == (1, 0, None)
     assert local.accuracy in (0.0, 1.0) and local.low is not None
-    result = evaluate.EvaluationResult([], [local, served], [], {"labelled": "labelled pairs"})
+    assert (served.margin, served.margins) == (None, []) and local.margins == [local.margin]
+    (difference,) = evaluate.margin_differences([local, served], "local")
+    assert (difference.model, difference.n, difference.mean) == ("served", 0, None)
+    result = evaluate.EvaluationResult(
+        [], [local, served], [], {"labelled": "labelled pairs"}, margin_differences=[difference]
+    )
     assert evaluate.preference_table(result).splitlines()[-1].split()[-1] == "n/a"
+    assert [line.split()[-1] for line in evaluate.margin_table(result).splitlines()[-2:]] == ["n/a", "n/a"]
     assert evaluate.measure_preference(models, {}, batch_size=4) == []
     config = evaluate.EvaluationConfig(model="embedded", pairs=None, output="o")
     assert evaluate.load_pair_sets(config) == {}
@@ -327,3 +347,43 @@ def test_cli_bad_settings_are_one_line(tmp_path: Path, capsys) -> None:
         assert code == 2 and err.startswith("sandbox evaluate: error:") and expected in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert not output.exists()
+
+
+def test_margin_differences_hand_computed() -> None:
+    """Pair by pair within a set, per set, against the baseline; a t interval on 3 pairs, by hand."""
+
+    def measured(model: str, pairs: str, margins: list[float]) -> evaluate.Preference:
+        return evaluate.Preference(
+            model, pairs, len(margins), 0.5, 0.1, 0.9, sum(margins) / len(margins), margins
+        )
+
+    preference = [
+        measured("base", "labelled", [0.5, -0.25, 1.0]),
+        measured("base", "sampled", [0.25, 0.25]),
+        measured("trained", "labelled", [0.75, 0.0, 1.0]),
+        measured("trained", "sampled", [0.0, 0.5]),
+    ]
+    labelled, sampled = evaluate.margin_differences(preference, "base")
+    # labelled: differences 0.25, 0.25, 0 -> mean 1/6, sd sqrt(1/48), t(0.975, 2) = 4.302652729...
+    half = 4.302652729749464 * math.sqrt(1 / 48) / math.sqrt(3)
+    assert (labelled.model, labelled.baseline, labelled.pairs, labelled.n) == (
+        "trained",
+        "base",
+        "labelled",
+        3,
+    )
+    assert (labelled.mean, labelled.low, labelled.high) == pytest.approx((1 / 6, 1 / 6 - half, 1 / 6 + half))
+    # sampled: differences -0.25, +0.25 -> mean 0, sd sqrt(1/8), t(0.975, 1) = 12.7062047...
+    half = 12.706204736174698 * math.sqrt(1 / 8) / math.sqrt(2)
+    assert (sampled.pairs, sampled.n) == ("sampled", 2)
+    assert (sampled.mean, sampled.low, sampled.high) == pytest.approx((0.0, -half, half))
+    result = evaluate.EvaluationResult(
+        [],
+        preference,
+        [],
+        {"labelled": "labelled", "sampled": "held-out"},
+        margin_differences=[labelled, sampled],
+    )
+    rows = evaluate.margin_table(result).splitlines()
+    assert rows[2].split()[:3] == ["base", "+0.417", "(n=3)"] and rows[-1].startswith("trained - base")
+    assert "+0.167 [" in rows[-1] and "+0.000 [" in rows[-1]

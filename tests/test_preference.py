@@ -50,6 +50,7 @@ def test_preference_accuracy_matches_hand_computed_nlls(tiny_model_dir: Path) ->
     got = scorer.pair_nlls(pairs, batch_size=2)
     for (good, bad), (hand_good, hand_bad) in zip(got, expected, strict=True):
         assert good == pytest.approx(hand_good, abs=1e-5) and bad == pytest.approx(hand_bad, abs=1e-5)
+    assert preference.nll_margins(got) == pytest.approx([bad - good for good, bad in expected], abs=2e-5)
     wins = sum(g < b for g, b in expected)
     result = scorer.preference_accuracy(pairs, batch_size=3)
     assert (result.value, result.n) == (pytest.approx(wins / 3), 3)

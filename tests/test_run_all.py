@@ -18,10 +18,21 @@ def _run_all():
     return module
 
 
-def _summary(base: float, trained: float, heldout: tuple[float, float], alignment: tuple, engagement: float):
+def _summary(
+    base: float,
+    trained: float,
+    heldout: tuple[float, float],
+    alignment: tuple,
+    engagement: float,
+    margins: tuple[float, float] = (0.01, 0.0),
+):
     run_all = _run_all()
     b, t = run_all.NAMES
     return run_all, {
+        "preference_margin_differences": [
+            {"model": t, "baseline": b, "pairs": key, "mean": mean}
+            for key, mean in zip(("labelled", "sampled"), margins, strict=True)
+        ],
         "preference_accuracy": [
             {"model": b, "pairs": "labelled", "accuracy": base},
             {"model": t, "pairs": "labelled", "accuracy": trained},
@@ -49,12 +60,19 @@ def test_goals_met() -> None:
 
 
 def test_goals_not_met_name_what_fell() -> None:
-    run_all, summary = _summary(0.60, 0.65, (0.6, 0.5), (0.3, -0.1, 0.7), -0.2)
+    run_all, summary = _summary(0.60, 0.65, (0.6, 0.5), (0.3, -0.1, 0.7), -0.2, margins=(-0.03, 0.02))
     lines = run_all.goals(summary).splitlines()
     gain, alignment, fell = lines[-3:]
     assert "+5.0 points" in gain and gain.rstrip().endswith("not met")
     assert alignment.rstrip().endswith("not met")
-    assert "sampled accuracy, engagement score" in fell and fell.rstrip().endswith("not met")
+    assert "sampled accuracy, labelled margin, engagement score" in fell and fell.rstrip().endswith("not met")
+
+
+def test_goal_c_counts_a_fallen_margin_alone() -> None:
+    """Every accuracy and score held, but the labelled pairs' margins moved towards the bad answers."""
+    run_all, summary = _summary(0.60, 0.75, (0.5, 0.6), (0.3, 0.1, 0.5), 0.1, margins=(-0.03, 0.0))
+    fell = run_all.goals(summary).splitlines()[-1]
+    assert "labelled margin" in fell and "sampled" not in fell and fell.rstrip().endswith("not met")
 
 
 def test_printed_evaluate_command_is_the_evaluation_it_runs() -> None:

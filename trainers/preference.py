@@ -24,6 +24,11 @@ observer scores over the same questions is the mean of the per-question differen
 Student t interval (``mean ± t(0.975, n-1) * sd / sqrt(n)``). The t quantile is exact for integer
 degrees of freedom: the two-sided mass P(|T| <= t) has a closed form (Abramowitz & Stegun
 26.7.3 and 26.7.4), inverted by bisection; no SciPy needed.
+
+**Preference margin.** A pair's margin is the bad answer's mean token NLL minus the good answer's
+(nats a token; above 0: the good answer is the more likely). Accuracy counts only its sign, so a
+model can move every pair's margin and no pair across 0; the mean margin, and two models'
+paired margin difference over the same pairs (a Student t interval, as above), show such a shift.
 """
 
 from __future__ import annotations
@@ -128,6 +133,11 @@ def paired_difference(baseline: Sequence[float | None], other: Sequence[float | 
         return Estimate(mean, None, None, 1)
     half = t_quantile((1 + CONFIDENCE) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return Estimate(mean, mean - half, mean + half, len(diffs))
+
+
+def nll_margins(nlls: Sequence[tuple[float, float]]) -> list[float]:
+    """Each pair's preference margin: the bad answer's mean token NLL minus the good answer's."""
+    return [bad - good for good, bad in nlls]
 
 
 def preference_from_nlls(good: Sequence[float], bad: Sequence[float]) -> Estimate:
