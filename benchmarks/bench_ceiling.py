@@ -14,7 +14,9 @@ same measure, so a society's gain can be read against what clean data of the lab
 - a folder of comparison groups, e.g. a make run's ``data/mixed``.
 
 Accuracy is scored as ``sandbox evaluate`` scores it (bfloat16 autocast over float32 weights) and printed
-with its 95% Wilson interval, for the base model and the trained one.
+with its 95% Wilson interval, for the base model and the trained one, next to each model's mean
+preference margin (NLL of the bad answer minus the good one's) and the trained model's paired margin
+difference from the base with its 95% t interval.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ from pipeline.convert import pairs_to_groups
 from pipeline.embedded import embedded_model_path
 from pipeline.separability import JudgePair, load_judge_pairs, prior_pairs
 from pipeline.textio import format_table
-from trainers.preference import Scorer, labelled_pairs, question_prompt
+from trainers.preference import (
+    Scorer,
+    labelled_pairs,
+    nll_margins,
+    paired_difference,
+    preference_from_nlls,
+    question_prompt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,12 +101,24 @@ def main() -> int:
     train(base, data, trained, args.epochs)
 
     pairs = labelled_pairs()
-    rows = []
+    rows, margins = [], {}
     for name, path in (("base", base), ("trained", str(trained))):
-        estimate = Scorer.load(path, autocast="bfloat16").preference_accuracy(pairs)
-        rows.append((name, f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]", estimate.n))
+        nlls = Scorer.load(path, autocast="bfloat16").pair_nlls(pairs)
+        estimate = preference_from_nlls([good for good, _ in nlls], [bad for _, bad in nlls])
+        margins[name] = nll_margins(nlls)
+        mean = sum(margins[name]) / len(margins[name])
+        rows.append(
+            (
+                name,
+                f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]",
+                f"{mean:+.3f}",
+                estimate.n,
+            )
+        )
+    shift = paired_difference(margins["base"], margins["trained"])
     print(f"\nlabelled test pairs after training on {args.data} ({args.epochs:g} epoch(s)):")
-    print(format_table(("model", "preference accuracy", "n"), rows))
+    print(format_table(("model", "preference accuracy", "mean margin", "n"), rows))
+    print(f"margin, trained - base: {shift.value:+.3f} [{shift.low:+.3f}, {shift.high:+.3f}] (n={shift.n})")
     return 0
 
 

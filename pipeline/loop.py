@@ -558,6 +558,7 @@ def iteration_figures(config: LoopConfig, layout: Layout, t: int) -> dict[str, A
     """Everything ``loop_summary.json`` says about iteration ``t``."""
     summary = json.loads((layout.eval(t) / "summary.json").read_text())
     paired = {d["aspect"]: d for d in summary["paired_differences"] if d["model"] == model_name(t + 1)}
+    margins = [d for d in summary.get("preference_margin_differences", []) if d["model"] == model_name(t + 1)]
     seconds = {}
     for stage in STAGES:
         marker = layout.iteration(t) / f"{stage}.done"
@@ -571,6 +572,9 @@ def iteration_figures(config: LoopConfig, layout: Layout, t: int) -> dict[str, A
         "trained_eval": _model_figures(summary, model_name(t + 1)),
         "paired_trained_minus_agents": {
             a: {k: paired[a][k] for k in ("mean", "low", "high", "n")} for a in ASPECTS
+        },
+        "margin_trained_minus_agents": {
+            d["pairs"]: {k: d[k] for k in ("mean", "low", "high", "n")} for d in margins
         },
         "seconds": seconds,
     }
@@ -601,6 +605,7 @@ def loop_table(iterations: Sequence[dict[str, Any]]) -> str:
         "pref labelled",
         "pref held-out",
         "pref M_t's answers: M_t -> trained",
+        "trained - agents labelled margin",
         "trained - agents align",
         "engage",
     )
@@ -624,6 +629,7 @@ def loop_table(iterations: Sequence[dict[str, Any]]) -> str:
                 None
                 if any(p.get("accuracy") is None for p in own)
                 else " -> ".join(_num(p["accuracy"]) for p in own),
+                _interval(it.get("margin_trained_minus_agents", {}).get("labelled", {}), "mean", "+.3f"),
                 *(_interval(paired[a], "mean", "+.2f") for a in ASPECTS),
             )
         )

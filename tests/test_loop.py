@@ -95,8 +95,17 @@ def check_finished_loop(
         for it in summary["iterations"]:
             pairs = {it[m]["preference"]["sampled"]["n"] for m in ("agents_eval", "trained_eval")}
             assert len(pairs) == 1 and 0 < pairs.pop() <= len(HELDOUT)
+    for it in summary["iterations"]:  # M_t+1's margins against M_t's, pair by pair, on every set
+        margins = it["margin_trained_minus_agents"]
+        assert {k: d["n"] for k, d in margins.items()} == {
+            k: p["n"] for k, p in it["agents_eval"]["preference"].items()
+        }
     assert (output / "loop.png").read_bytes()[:4] == b"\x89PNG"
-    assert "pref labelled" in result.table and (output / "table.txt").read_text().strip() == result.table
+    assert (
+        "pref labelled" in result.table
+        and "labelled margin" in result.table
+        and (output / "table.txt").read_text().strip() == result.table
+    )
 
 
 def test_two_iterations_in_process(tiny_model_dir: Path, sandbox_server, tmp_path: Path) -> None:
