@@ -168,7 +168,10 @@ GOAL_PREFERENCE_GAIN = 0.10
 
 
 def goals(evaluation: dict) -> str:
-    """The demo's goals for what training changes, each with its measured figure and whether it was met."""
+    """The demo's goals for what training changes, each with its measured figure and whether it was met.
+
+    No point estimate may fall: the preference accuracies, the paired preference margins (the continuous
+    reading of the same pairs, which can fall while no pair changes side) and the observer scores."""
     base, trained = NAMES
     accuracy = {(p["model"], p["pairs"]): p for p in evaluation["preference_accuracy"]}
     differences = {d["aspect"]: d for d in evaluation["paired_differences"] if d["model"] == trained}
