@@ -1,7 +1,7 @@
 """How far training moves the labelled test pairs, on data of their own kind or on a society's groups.
 
     .venv/bin/python benchmarks/bench_ceiling.py [--data prior | dev | GROUPS_DIR] [--epochs 1]
-        [--output DIR] [--model MODEL_DIR]
+        [--score test | dev] [--output DIR] [--model MODEL_DIR] [TRAINING FLAGS ...]
 
 ``make run`` measures preference accuracy on the labelled test pairs (`pipeline/data/judge_pairs.jsonl`)
 before and after training on the society's comparison groups. This benchmark trains the same way
@@ -12,6 +12,10 @@ same measure, so a society's gain can be read against what clean data of the lab
   society's memories are seeded with), one group of two per question, scored 7 and 1;
 - ``dev``: the labelled pairs' dev half (alignment), the same way (the test half is never trained on);
 - a folder of comparison groups, e.g. a make run's ``data/mixed``.
+
+Flags it does not know go to ``recipes/train.py`` (``--ratio 0``, ``--margin 10``), so training settings
+can be compared; compare them on ``--score dev`` (the dev half; not with ``--data dev``) and keep the
+test half for the one reading of the chosen setting.
 
 Accuracy is scored as ``sandbox evaluate`` scores it (bfloat16 autocast over float32 weights) and printed
 with its 95% Wilson interval, for the base model and the trained one, next to each model's mean
@@ -68,13 +72,13 @@ def write_groups(source: str, folder: Path) -> int:
     return len(rows)
 
 
-def train(model: str, data: Path, output: Path, epochs: float) -> None:
+def train(model: str, data: Path, output: Path, epochs: float, flags: list[str]) -> None:
     command = launch.train_command(
         config=ROOT / "recipes" / "configs" / "train_demo.yaml",
         model=model,
         dataset=data,
         output_dir=output,
-        extra=["--num_train_epochs", str(epochs), "--save_strategy", "no", "--disable_tqdm", "true"],
+        extra=["--num_train_epochs", str(epochs), "--save_strategy", "no", "--disable_tqdm", "true", *flags],
     )
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -86,7 +90,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=1.0, help="training epochs (make run: 1)")
     parser.add_argument("--output", default="outputs/bench_ceiling", help="where the groups and the model go")
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded model)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--score", choices=("test", "dev"), default="test", help="the labelled half scored (make run: test)"
+    )
+    args, flags = parser.parse_known_args()
+    if args.score == "dev" and args.data == "dev":
+        parser.error("--score dev after --data dev would score the pairs trained on")
 
     output = Path(args.output)
     base = args.model or str(embedded_model_path())
@@ -98,9 +107,9 @@ def main() -> int:
         if not data.is_dir():
             parser.error(f"--data {args.data}: not prior, dev or a folder of comparison groups")
     trained = output / "model"
-    train(base, data, trained, args.epochs)
+    train(base, data, trained, args.epochs, flags)
 
-    pairs = labelled_pairs()
+    pairs = labelled_pairs(split=args.score)
     rows, margins = [], {}
     for name, path in (("base", base), ("trained", str(trained))):
         nlls = Scorer.load(path, autocast="bfloat16").pair_nlls(pairs)
@@ -116,7 +125,8 @@ def main() -> int:
             )
         )
     shift = paired_difference(margins["base"], margins["trained"])
-    print(f"\nlabelled test pairs after training on {args.data} ({args.epochs:g} epoch(s)):")
+    settings = " ".join([f"{args.epochs:g} epoch(s)", *flags])
+    print(f"\nlabelled {args.score} pairs after training on {args.data} ({settings}):")
     print(format_table(("model", "preference accuracy", "mean margin", "n"), rows))
     print(f"margin, trained - base: {shift.value:+.3f} [{shift.low:+.3f}, {shift.high:+.3f}] (n={shift.n})")
     return 0
