@@ -90,7 +90,7 @@ class LoopConfig:
       ``server_timeout``.
     - training: ``keep_flagged`` (of the transform), ``train_config``, ``train_args``, ``launcher``.
     - evaluation: ``heldout_questions``, ``heldout_rounds``, ``heldout_groups``, ``eval_limit``,
-      ``eval_max_tokens``, ``eval_samples``, ``eval_temperature``, ``eval_top_p``.
+      ``eval_max_tokens``, ``eval_samples``, ``eval_temperature``, ``eval_top_p``, ``eval_cache_from``.
 
     ``__post_init__`` checks every field (a :class:`UserError` names the problem).
     """
@@ -185,6 +185,13 @@ class LoopConfig:
         default=0.0, metadata={"help": "the evaluated models' sampling temperature; 0: greedy"}
     )
     eval_top_p: float = field(default=1.0, metadata={"help": "the evaluated models' nucleus sampling mass"})
+    eval_cache_from: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "exported response caches loaded into the evaluations' cache (sandbox evaluate "
+            "--cache-from): the demo reads M0's answers and scores from make run's shipped base evaluation"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -216,6 +223,9 @@ class LoopConfig:
         for name in ("train_config", "heldout_questions"):
             if not Path(getattr(self, name)).expanduser().is_file():
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: no such file")
+        for export in self.eval_cache_from or []:  # refused now, not after the first simulation and training
+            if not Path(export).expanduser().is_file():
+                raise UserError(f"--eval-cache-from {export}: no such file")
         if self.agent_server is not None:
             template = self.server_template
             if "{model}" not in template or "{port}" not in template:
@@ -406,6 +416,7 @@ def run_subprocess(command: list[str], what: str) -> None:
 def evaluate_command(config: LoopConfig, layout: Layout, t: int, heldout_groups: Path) -> list[str]:
     """``sandbox evaluate``: ``M_t`` against ``M_{t+1}`` on the held-out questions, the pinned observer."""
     limit = ["--limit", str(config.eval_limit)] if config.eval_limit else []
+    exports = ["--cache-from", *config.eval_cache_from] if config.eval_cache_from else []
     # The evaluation runs in the observer's dtype, so it scores with the judge (and calibration)
     # that scored the societies.
     dtype = ["--dtype", config.observer.dtype] if config.observer.dtype != "auto" else []
@@ -423,6 +434,7 @@ def evaluate_command(config: LoopConfig, layout: Layout, t: int, heldout_groups:
         "--cache", str(layout.eval_cache),
         "--output", str(layout.eval(t)),
         *limit,
+        *exports,
         *dtype,
     ]  # fmt: skip
 

@@ -267,3 +267,41 @@ def test_shipped_configs_parse(name: str, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     config = from_dict(loop.LoopConfig, load_yaml_config(ROOT / "recipes" / "configs" / name))
     assert config.simulation.observer is None and config.observer.kind in ("embedded", "openai")
+
+
+def test_demo_reads_m0_from_make_runs_shipped_base_evaluation(tmp_path: Path, monkeypatch) -> None:
+    """The demo loop's first evaluation asks M0 what make run asked the base model (the same questions,
+    sampling, dtype and observer), so the shipped base evaluation it loads holds M0's answers and scores."""
+    import importlib.util
+
+    from pipeline.argparsing import parse
+    from pipeline.evaluate import EvaluationConfig
+    from pipeline.questions import load_questions
+
+    monkeypatch.chdir(ROOT)
+    data = load_yaml_config(ROOT / "recipes" / "configs" / "loop_demo.yaml")
+    config = from_dict(loop.LoopConfig, {**data, "output": str(tmp_path / "loop")})
+    command = loop.evaluate_command(config, loop.Layout(config.output_dir), 0, tmp_path / "heldout")
+    demo, _ = parse(EvaluationConfig, command[command.index("evaluate") + 1 :], "sandbox evaluate", "")
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "recipes" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    shipped = run_all.base_evaluation()
+    assert demo.references[0] == shipped.references[0] == "embedded"
+    assert [Path(p).resolve() for p in demo.cache_from] == [Path(p).resolve() for p in shipped.cache_from]
+    same = (
+        "max_tokens",
+        "samples",
+        "temperature",
+        "top_p",
+        "dtype",
+        "observer",
+        "observer_max_tokens",
+        "judge",
+    )
+    for name in same:
+        assert getattr(demo, name) == getattr(shipped, name), name
+    assert Path(demo.questions).resolve() == Path(shipped.questions).resolve()
+    assert shipped.limit is None and demo.limit <= len(load_questions(str(shipped.questions)))
+    with pytest.raises(UserError, match=r"eval-cache-from nowhere\.jsonl\.gz: no such file"):
+        from_dict(loop.LoopConfig, {**data, "output": "o", "eval_cache_from": ["nowhere.jsonl.gz"]})
