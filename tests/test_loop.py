@@ -289,7 +289,7 @@ def test_demo_reads_m0_from_make_runs_shipped_base_evaluation(tmp_path: Path, mo
     shipped = run_all.base_evaluation()
     assert demo.references[0] == shipped.references[0] == "embedded"
     assert [Path(p).resolve() for p in demo.cache_from] == [Path(p).resolve() for p in shipped.cache_from]
-    same = (
+    alike = (
         "max_tokens",
         "samples",
         "temperature",
@@ -299,8 +299,7 @@ def test_demo_reads_m0_from_make_runs_shipped_base_evaluation(tmp_path: Path, mo
         "observer_max_tokens",
         "judge",
     )
-    for name in same:
-        assert getattr(demo, name) == getattr(shipped, name), name
+    assert {n: getattr(demo, n) for n in alike} == {n: getattr(shipped, n) for n in alike}
     assert Path(demo.questions).resolve() == Path(shipped.questions).resolve()
     assert shipped.limit is None and demo.limit <= len(load_questions(str(shipped.questions)))
     with pytest.raises(UserError, match=r"eval-cache-from nowhere\.jsonl\.gz: no such file"):
