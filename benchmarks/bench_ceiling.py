@@ -40,14 +40,7 @@ from pipeline.convert import pairs_to_groups
 from pipeline.embedded import embedded_model_path
 from pipeline.separability import JudgePair, load_judge_pairs, prior_pairs
 from pipeline.textio import format_table
-from trainers.preference import (
-    Scorer,
-    labelled_pairs,
-    nll_margins,
-    paired_difference,
-    preference_from_nlls,
-    question_prompt,
-)
+from trainers.preference import Scorer, labelled_pairs, paired_difference, question_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,9 +105,7 @@ def main() -> int:
     pairs = labelled_pairs(split=args.score)
     rows, margins = [], {}
     for name, path in (("base", base), ("trained", str(trained))):
-        nlls = Scorer.load(path, autocast="bfloat16").pair_nlls(pairs)
-        estimate = preference_from_nlls([good for good, _ in nlls], [bad for _, bad in nlls])
-        margins[name] = nll_margins(nlls)
+        estimate, margins[name] = Scorer.load(path, autocast="bfloat16").preference(pairs)
         mean = sum(margins[name]) / len(margins[name])
         rows.append(
             (

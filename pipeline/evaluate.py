@@ -52,15 +52,14 @@ from pipeline.records import ASPECTS
 from pipeline.separability import JUDGE_PAIRS, Split
 from pipeline.textio import format_table, write_atomic
 from trainers.preference import (
+    Estimate,
     PreferencePair,
     Scorer,
     answer_pairs,
     group_pairs,
     is_read,
     labelled_pairs,
-    nll_margins,
     paired_difference,
-    preference_from_nlls,
 )
 
 Z_95 = statistics.NormalDist().inv_cdf(0.975)
@@ -385,9 +384,7 @@ def measure_preference(
             print(
                 f"preference accuracy of {name} on {len(pairs)} {key} pairs ...", file=sys.stderr, flush=True
             )
-            nlls = scorer.pair_nlls(pairs, batch_size)
-            e = preference_from_nlls([good for good, _ in nlls], [bad for _, bad in nlls])
-            margins = nll_margins(nlls)
+            e, margins = scorer.preference(pairs, batch_size)
             margin = statistics.fmean(margins) if margins else None
             results.append(Preference(name, key, e.n, e.value, e.low, e.high, margin, margins))
     return results
@@ -402,7 +399,7 @@ def margin_differences(preference: Sequence[Preference], baseline: str) -> list[
         if p.model == baseline:
             continue
         measured = bool(p.margins and base.get(p.pairs))
-        e = paired_difference(base[p.pairs], p.margins) if measured else paired_difference([], [])
+        e = paired_difference(base[p.pairs], p.margins) if measured else Estimate(None, None, None, 0)
         differences.append(MarginDifference(p.model, baseline, p.pairs, e.n, e.value, e.low, e.high))
     return differences
 

@@ -290,7 +290,13 @@ class Scorer:
                 nlls[i] = (good, bad)
         return nlls
 
+    def preference(
+        self, pairs: Sequence[PreferencePair], batch_size: int = 16
+    ) -> tuple[Estimate, list[float]]:
+        """Preference accuracy on ``pairs`` with its interval, and each pair's margin, from one pass."""
+        nlls = self.pair_nlls(pairs, batch_size)
+        return preference_from_nlls([g for g, _ in nlls], [b for _, b in nlls]), nll_margins(nlls)
+
     def preference_accuracy(self, pairs: Sequence[PreferencePair], batch_size: int = 16) -> Estimate:
         """The share of ``pairs`` whose good answer this model finds more likely, with its interval."""
-        nlls = self.pair_nlls(pairs, batch_size)
-        return preference_from_nlls([g for g, _ in nlls], [b for _, b in nlls])
+        return self.preference(pairs, batch_size)[0]
