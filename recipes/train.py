@@ -32,7 +32,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 # `python recipes/train.py` from a checkout, without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import UserError, run_command
+from pipeline.errors import UserError, exit_process, run_command
 from trainers import StableAlignmentConfig, StableAlignmentTrainer
 from trainers.data import ScriptArguments, select_splits
 
@@ -80,8 +80,8 @@ def main(script_args: ScriptArguments, training_args: StableAlignmentConfig, mod
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # Every process tears its process group down together, after the main process has written everything: a
-    # process that leaves while its peer is still saving can abort at exit (seen once with DDP over gloo on CPU).
+    # Every process tears its process group down together, after the main process has written everything; the
+    # script then leaves through `exit_process`, which a process of a launch needs to exit cleanly.
     trainer.accelerator.wait_for_everyone()
     trainer.end()
 
@@ -95,4 +95,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())
