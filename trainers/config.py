@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from pipeline.errors import UserError
+from pipeline.precision import usable_dtype
 
 from .collator import TruncationMode
 from .loss import Reduction
@@ -81,7 +82,8 @@ class StableAlignmentConfig(TrainingArguments):
     > - `logging_steps`: Defaults to `10` instead of `500`, as in TRL.
     > - `activation_checkpointing` (alias `gradient_checkpointing`): Defaults to `True` instead of `False`, as in TRL.
     > - `bf16`: Defaults to `True` when a CUDA device with bf16 support is used, `False` otherwise (fp32 on CPU). TRL
-    >   defaults it to `True` everywhere, which makes CPU runs slow.
+    >   defaults it to `True` everywhere, which makes CPU runs slow. `True` on a CPU without bfloat16 instructions
+    >   becomes `False`, said on stderr: torch emulates bfloat16 there, some 70 times slower (`pipeline.precision`).
     >
     > Where the paper's reference code and TRL disagree:
     > - `max_length`: TRL's `1024` instead of the reference's `512`: chat templates and the long realignment prompts
@@ -120,7 +122,8 @@ class StableAlignmentConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Whether to use bf16 (mixed) precision instead of 32-bit. If not set, it defaults to `True` on a "
-            "CUDA device that supports bf16 and `False` otherwise."
+            "CUDA device that supports bf16 and `False` otherwise. On a CPU without bfloat16 instructions (x86: "
+            "AVX512-BF16 or AMX) `True` becomes `False`: torch would emulate bf16 there, some 70 times slower."
         },
     )
 
@@ -201,13 +204,11 @@ class StableAlignmentConfig(TrainingArguments):
         # `gradient_checkpointing` as a deprecated alias; an explicit value under either name wins.
         if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
+        on_cpu = self.use_cpu or not torch.cuda.is_available()
         if self.bf16 is None:
-            self.bf16 = (
-                not self.fp16
-                and not self.use_cpu
-                and torch.cuda.is_available()
-                and torch.cuda.is_bf16_supported()
-            )
+            self.bf16 = not self.fp16 and not on_cpu and torch.cuda.is_bf16_supported()
+        elif self.bf16 and on_cpu:
+            self.bf16 = usable_dtype("bfloat16", "cpu") == "bfloat16"
         for name, choices in (("reduction", Reduction), ("truncation_mode", TruncationMode)):
             if getattr(self, name) not in get_args(choices):
                 raise UserError(f"{name} must be one of {get_args(choices)}, got {getattr(self, name)!r}")

@@ -43,6 +43,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.hub import load_output
 from pipeline.llm.base import Message
+from pipeline.precision import usable_dtype
 from pipeline.separability import JUDGE_PAIRS, Split, load_judge_pairs
 from trainers._trl import add_fused_lm_head
 from trainers.collator import DataCollatorForComparisonGroups
@@ -229,7 +230,10 @@ class Scorer:
         self.model = model
         self.tokenizer = tokenizer
         # A dtype name: forward passes under torch.autocast in it, as bf16 training computes the same NLL
-        self.autocast = autocast
+        # (none where this CPU would emulate it: autocast to bfloat16 there is slower than float32)
+        self.autocast = (
+            autocast if autocast and usable_dtype(autocast, model.device.type) == autocast else None
+        )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.collator = DataCollatorForComparisonGroups(pad_token_id=tokenizer.pad_token_id)

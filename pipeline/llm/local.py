@@ -241,6 +241,8 @@ class LocalBackend(ChatBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from pipeline.precision import usable_dtype
+
         if spec.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {spec.max_batch_size}")
         self.spec = spec
@@ -258,7 +260,7 @@ class LocalBackend(ChatBackend):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = (
-            getattr(torch, spec.dtype)
+            getattr(torch, usable_dtype(spec.dtype, device))
             if spec.dtype != "auto"
             else torch.float32
             if device == "cpu"
