@@ -204,10 +204,14 @@ class StableAlignmentConfig(TrainingArguments):
         # `gradient_checkpointing` as a deprecated alias; an explicit value under either name wins.
         if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
-        on_cpu = self.use_cpu or not torch.cuda.is_available()
         if self.bf16 is None:
-            self.bf16 = not self.fp16 and not on_cpu and torch.cuda.is_bf16_supported()
-        elif self.bf16 and on_cpu:
+            self.bf16 = (
+                not self.fp16
+                and not self.use_cpu
+                and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported()
+            )
+        elif self.bf16 and (self.use_cpu or not torch.accelerator.is_available()):
             self.bf16 = usable_dtype("bfloat16", "cpu") == "bfloat16"
         for name, choices in (("reduction", Reduction), ("truncation_mode", TruncationMode)):
             if getattr(self, name) not in get_args(choices):
