@@ -83,6 +83,7 @@ class EvaluationConfig:
         samples, temperature, top_p: answers per question and how they are drawn.
 
     Preference accuracy (in-process models only):
+        preference: whether to measure it at all.
         pairs, pairs_aspect, pairs_split: the labelled good/bad pairs and which of them.
         heldout_groups: a ``sandbox transform`` output from held-out questions, for a second measure.
         preference_batch_size: pairs per forward pass.
@@ -163,6 +164,13 @@ class EvaluationConfig:
         metadata={
             "help": "a `sandbox transform` output from held-out questions: preference accuracy on the "
             "best- vs worst-scored answer of its imitation groups"
+        },
+    )
+    preference: bool = field(
+        default=True,
+        metadata={
+            "help": "measure preference accuracy and margins (a forward pass over every pair per model); "
+            "--no-preference: observer scores only"
         },
     )
     preference_batch_size: int = field(
@@ -688,7 +696,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     questions = load_questions(config.questions, column=config.column)[: config.limit]
     if config.simulation_questions:
         warn_overlap(questions, config.simulation_questions)
-    pair_sets = load_pair_sets(config)
+    pair_sets = load_pair_sets(config) if config.preference else {}
     exports = {path: read_export(path) for path in config.cache_from or []}
     common = {
         "max_concurrency": config.concurrency,
@@ -703,7 +711,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult:
     output = _make_output(config.output_dir)
     load_exports(config.cache or "", exports)
     rows = asyncio.run(evaluate_models(models, observer, questions, config.judge, config.samples))
-    if config.samples > 1:
+    if config.samples > 1 and config.preference:
         baseline = next(iter(models))
         pair_sets["sampled"] = (
             f"{baseline}'s held-out answers (best vs worst of {config.samples})",

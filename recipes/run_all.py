@@ -12,12 +12,13 @@ and worst-scored answer to each question make the held-out pairs preference accu
 beside the labelled test pairs.
 
 The base model's answers and their observer scores are the same in every run (the same shipped
-weights, questions, seeds and observer), so they ship with the project, measured once:
-`pipeline/data/base_model_evaluation.jsonl.gz`, an exported response cache loaded with
-`--cache-from`. Every request is keyed by everything that shaped its answer (model, dtype, sampler,
-messages, parameters), so after a change to any of these the base model is measured again, and
-`python recipes/run_all.py --write-base-evaluation` writes the file anew. The evaluation time this
-saves pays for all 120 questions instead of 60.
+weights, questions, seeds and observer), so they ship with the project, measured once per dtype the
+job can run in: `pipeline/data/base_model_evaluation_{bfloat16,float32}.jsonl.gz`, exported response
+caches; the job loads the one of the dtype this CPU runs (bfloat16 where it computes bfloat16, else
+float32: `pipeline.precision`) with `--cache-from`. Every request is keyed by everything that shaped
+its answer (model, dtype, sampler, messages, parameters), so after a change to any of these the base
+model is measured again, and `python recipes/run_all.py --write-base-evaluation [DTYPE]` writes a file
+anew. The evaluation time this saves pays for all 120 questions instead of 60.
 
 Environment: ``RUN_DIR`` (default ``outputs/demo``) holds everything the job writes.
 """
@@ -43,6 +44,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import EvaluationConfig, run_evaluation
 from pipeline.llm.cache import ResponseCache
 from pipeline.plots import summary_table as rounds_table
+from pipeline.precision import usable_dtype
 from pipeline.simulate import SimulationConfig, run_simulation
 from pipeline.textio import format_table, write_atomic
 from pipeline.transform import TransformConfig, run_transform
@@ -54,7 +56,13 @@ DATA_FILES = ROOT / "pipeline" / "data"
 RUN_DIR = Path(os.environ.get("RUN_DIR", ROOT / "outputs" / "demo"))
 SIM, DATA, MODEL, EVAL = (RUN_DIR / name for name in ("sandbox", "data", "model", "eval"))
 HELDOUT = DATA_FILES / "heldout_questions.txt"
-BASE_EVALUATION = DATA_FILES / "base_model_evaluation.jsonl.gz"
+# As the society's agents and judge run: bfloat16 answers about twice as fast on 2 cores with AVX512-BF16, and
+# the observer then scores with the same calibration that scored the training data.
+EVALUATION_DTYPE = "bfloat16"
+BASE_EVALUATIONS = {
+    dtype: DATA_FILES / f"base_model_evaluation_{dtype}.jsonl.gz" for dtype in ("bfloat16", "float32")
+}
+"""The shipped evaluations of the base model, by the dtype its weights ran in."""
 NAMES = ("SmolLM2 (base)", "SmolLM2 (stable alignment)")
 
 
@@ -86,8 +94,15 @@ def train() -> None:
         raise RuntimeError(f"training failed (exit {result.returncode})")
 
 
+def base_evaluation_file(dtype: str = EVALUATION_DTYPE) -> Path:
+    """The shipped base-model evaluation an evaluation in ``dtype`` replays: the file of the dtype this CPU runs
+    it in (a CPU without bfloat16 instructions runs bfloat16 in float32)."""
+    return BASE_EVALUATIONS[usable_dtype(dtype, "cpu")]
+
+
 def evaluation(**overrides: Any) -> EvaluationConfig:
     """make run's evaluation (``overrides`` replace its settings)."""
+    dtype = overrides.get("dtype", EVALUATION_DTYPE)
     settings: dict[str, Any] = dict(
         compare=["embedded", str(MODEL)],
         names=list(NAMES),
@@ -96,9 +111,7 @@ def evaluation(**overrides: Any) -> EvaluationConfig:
         # +0.13, +0.06 and +0.24. The shipped base-model evaluation pays for the other 60.
         questions=str(HELDOUT),
         simulation_questions=str(DATA_FILES / "default_questions.txt"),
-        # As the society's agents and judge run: bfloat16 answers about twice as fast on 2 cores, and
-        # the observer then scores with the same calibration that scored the training data.
-        dtype="bfloat16",
+        dtype=dtype,
         # Greedy answers of the 135M model loop (a third of them), and one loop decides a greedy paired
         # difference; sampled answers (as the society samples) measure the model rather than its loops.
         # Two a question, not three: the third would take the job past 15 minutes on 2 cores.
@@ -106,26 +119,29 @@ def evaluation(**overrides: Any) -> EvaluationConfig:
         temperature=0.7,
         top_p=0.9,
         concurrency=120,  # a batch of 120 answers at a time
-        cache_from=[str(BASE_EVALUATION)],
+        cache_from=[str(base_evaluation_file(dtype))],
         output=str(EVAL),
     )
     return EvaluationConfig(**(settings | overrides))
 
 
 def base_evaluation(**overrides: Any) -> EvaluationConfig:
-    """make run's evaluation of the base model alone, without labelled pairs (``overrides`` as above)."""
+    """make run's evaluation of the base model alone, its answers and scores only (``overrides`` as above):
+    preference accuracy is not a response-cache call, so the job measures it in every run."""
     return evaluation(
-        **{"compare": None, "model": "embedded", "names": [NAMES[0]], "pairs": None, **overrides}
+        **{"compare": None, "model": "embedded", "names": [NAMES[0]], "preference": False, **overrides}
     )
 
 
-def write_base_evaluation() -> None:
-    """Evaluate the base model alone, as make run does, and write its responses to BASE_EVALUATION."""
+def write_base_evaluation(dtype: str = EVALUATION_DTYPE) -> None:
+    """Evaluate the base model alone in ``dtype``, as make run does, and write its responses to the shipped file
+    an evaluation in that dtype replays on this CPU."""
+    path = base_evaluation_file(dtype)
     with tempfile.TemporaryDirectory() as folder:
-        config = base_evaluation(cache_from=None, output=folder)
+        config = base_evaluation(dtype=dtype, cache_from=None, output=folder)
         run_evaluation(config)
-        count = ResponseCache(config.cache or "").export(BASE_EVALUATION)
-    print(f"{count} responses written to {BASE_EVALUATION}")
+        count = ResponseCache(config.cache or "").export(path)
+    print(f"{count} responses written to {path}")
 
 
 def evaluate() -> None:
@@ -244,11 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--write-base-evaluation",
-        action="store_true",
-        help=f"only evaluate the base model, as the job does, and write {BASE_EVALUATION.name} anew",
+        nargs="?",
+        const=EVALUATION_DTYPE,
+        choices=sorted(BASE_EVALUATIONS),
+        metavar="DTYPE",
+        help="only evaluate the base model, as the job does, in DTYPE (default: the job's, bfloat16, which a CPU "
+        "without bfloat16 instructions runs in float32) and write its shipped file anew: "
+        + ", ".join(path.name for path in BASE_EVALUATIONS.values()),
     )
-    if parser.parse_args(argv).write_base_evaluation:
-        write_base_evaluation()
+    dtype = parser.parse_args(argv).write_base_evaluation
+    if dtype:
+        write_base_evaluation(dtype)
         return 0
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     timings_path = RUN_DIR / "timings.json"

@@ -133,7 +133,8 @@ def test_exported_cache_replays_a_models_evaluation(
     tiny_model_dir: Path, pool: Path, tmp_path: Path, capsys
 ) -> None:
     """A model evaluated once, its cache exported: a second evaluation loading the export in
-    replay-only mode computes nothing (a miss would be an error) and writes the same scores."""
+    replay-only mode computes nothing (a miss would be an error) and writes the same scores; without
+    preference accuracy (as make run's shipped base evaluation replays) it loads no scorer."""
     settings = {
         "model": str(tiny_model_dir),
         "questions": str(pool),
@@ -149,7 +150,11 @@ def test_exported_cache_replays_a_models_evaluation(
     ResponseCache(first.cache or "").export(export)
     capsys.readouterr()
     again = evaluate.EvaluationConfig(
-        **settings, cache_from=[str(export)], cache_mode="replay-only", output=str(tmp_path / "again")
+        **settings,
+        cache_from=[str(export)],
+        cache_mode="replay-only",
+        preference=False,
+        output=str(tmp_path / "again"),
     )
     result = evaluate.run_evaluation(again)
     err = capsys.readouterr().err
@@ -160,9 +165,13 @@ def test_exported_cache_replays_a_models_evaluation(
     assert [r.pop("cached") for r in again_rows] == [True] * 6
     assert again_rows == first_rows
     assert result.from_cache == {str(tiny_model_dir): (6, 6)}
+    assert (result.preference, result.pair_sets) == ([], {})
+    assert "preference accuracy of" not in err
     table = (tmp_path / "again" / "table.txt").read_text()
     assert f"from the response cache, not measured in this run: {tiny_model_dir} 6 of 6" in table
-    assert "response cache" not in (tmp_path / "first" / "table.txt").read_text()
+    assert "preference accuracy" not in table
+    first_table = (tmp_path / "first" / "table.txt").read_text()
+    assert "response cache" not in first_table and "preference accuracy" in first_table
 
 
 def test_per_question_means_skip_unread_scores() -> None:

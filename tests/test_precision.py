@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import precision
 from pipeline.llm import BackendSpec
 from pipeline.llm.local import LocalBackend
 from pipeline.precision import X86, _say_float32, cpu_computes_bfloat16, usable_dtype
@@ -49,6 +50,25 @@ def test_a_local_backend_asked_for_bfloat16_loads_the_usable_dtype(tiny_model_di
         assert f"|{EXPECTED}|" in backend.identity
     finally:
         asyncio.run(backend.aclose())
+
+
+def test_a_bfloat16_request_run_in_float32_is_cached_as_a_float32_one(
+    tiny_model_dir: Path, monkeypatch
+) -> None:
+    """Where the CPU lacks bfloat16, a bfloat16 backend is the float32 one to the response cache, so make run's
+    bfloat16 evaluation replays the shipped float32 evaluation there."""
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: False)
+    asked = {
+        d: LocalBackend(tiny_model_dir, BackendSpec(kind="local", dtype=d, max_tokens=2))
+        for d in ("bfloat16", "float32")
+    }
+    try:
+        assert asked["bfloat16"].identity == asked["float32"].identity
+        # The judge's calibration is looked up by the scoring model: the float32 one scores
+        assert asked["bfloat16"].scoring_model == asked["float32"].scoring_model
+    finally:
+        for backend in asked.values():
+            asyncio.run(backend.aclose())
 
 
 def test_bfloat16_autocast_and_training_follow_the_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -123,25 +123,49 @@ def test_heldout_questions_are_held_out() -> None:
 
 
 @pytest.mark.embedded
-@pytest.mark.skipif(
-    not cpu_computes_bfloat16(),
-    reason="the shipped evaluation was made in bfloat16, which this CPU runs in float32: none of it replays here",
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skipif(
+                not cpu_computes_bfloat16(),
+                reason="this CPU runs bfloat16 in float32: the float32 file replays",
+            ),
+        ),
+        "float32",
+    ],
 )
-def test_shipped_base_evaluation_holds_every_base_model_response(tmp_path: Path) -> None:
-    """make run reads the base model's answers and scores from the shipped evaluation: replayed under the
-    current prompts, sampler and judge, every one is there (regenerate it after a change to them:
-    `python recipes/run_all.py --write-base-evaluation`)."""
+def test_shipped_base_evaluation_holds_every_base_model_response(dtype: str, tmp_path: Path) -> None:
+    """make run reads the base model's answers and scores from the shipped evaluation of the dtype it runs in:
+    replayed under the current prompts, sampler and judge, every one is there (regenerate it after a change to
+    them: `python recipes/run_all.py --write-base-evaluation DTYPE`)."""
     from datasets import load_from_disk
 
     from pipeline.evaluate import run_evaluation
 
     run_all = _run_all()
-    config = run_all.base_evaluation(cache_mode="replay-only", output=str(tmp_path))
+    config = run_all.base_evaluation(dtype=dtype, cache_mode="replay-only", output=str(tmp_path))
+    assert config.cache_from == [str(run_all.BASE_EVALUATIONS[dtype])]
     run_evaluation(config)
     rows = load_from_disk(str(tmp_path / "scores")).to_list()
     assert len(rows) == 120 * config.samples
     missing = [r for r in rows if r["error"] or None in (r["alignment"], r["engagement"])]
     assert not missing, (
-        f"{len(missing)} of {len(rows)} base-model answers or scores are not in {run_all.BASE_EVALUATION.name} "
-        f"(the first: {missing[0]['question']!r}); write it anew: python recipes/run_all.py --write-base-evaluation"
+        f"{len(missing)} of {len(rows)} base-model answers or scores are not in {run_all.BASE_EVALUATIONS[dtype].name} "
+        f"(the first: {missing[0]['question']!r}); write it anew: "
+        f"python recipes/run_all.py --write-base-evaluation {dtype}"
     )
+
+
+def test_a_cpu_without_bfloat16_replays_the_float32_evaluation(monkeypatch) -> None:
+    """Where bfloat16 runs in float32, the job's evaluation (bfloat16 asked for) loads the float32 file, whose
+    answers are keyed by the float32 weights that then answer."""
+    from pipeline import precision
+
+    run_all = _run_all()
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: False)
+    assert run_all.evaluation().dtype == "bfloat16"
+    assert run_all.evaluation().cache_from == [str(run_all.BASE_EVALUATIONS["float32"])]
+    monkeypatch.setattr(precision, "cpu_computes_bfloat16", lambda: True)
+    assert run_all.evaluation().cache_from == [str(run_all.BASE_EVALUATIONS["bfloat16"])]
