@@ -220,6 +220,10 @@ class EvaluationConfig:
             raise UserError(f"--cache-mode must be one of {', '.join(typing.get_args(CacheMode))}")
         if self.cache_from and self.cache_mode == "off":
             raise UserError("--cache-from needs the response cache, which --cache-mode off bypasses")
+        if self.heldout_groups and not self.preference:
+            raise UserError(
+                "--heldout-groups are measured by preference accuracy, which --no-preference skips"
+            )
         if self.pairs_aspect not in ASPECTS:
             raise UserError(f"--pairs-aspect must be one of {', '.join(ASPECTS)}")
         if self.pairs_split not in (*typing.get_args(Split), None):

@@ -317,6 +317,10 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ({"model": "a", "concurrency": 0, "output": "o"}, "--concurrency must be at least 1"),
         ({"model": "a", "cache_mode": "sometimes", "output": "o"}, "--cache-mode must be one of"),
         ({"model": "a", "cache_mode": "off", "cache_from": ["x"], "output": "o"}, "--cache-from needs"),
+        (
+            {"model": "a", "heldout_groups": "g", "preference": False, "output": "o"},
+            "--heldout-groups are measured by preference accuracy, which --no-preference skips",
+        ),
         ({"model": "a", "dtype": "float8", "output": "o"}, "--dtype must be one of"),
         ({"model": "a"}, "--output is required"),
         ({"model": "a", "pairs_aspect": "style", "output": "o"}, "--pairs-aspect must be one of"),
