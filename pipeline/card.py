@@ -85,7 +85,8 @@ def _quality_section(quality: dict[str, Any]) -> str:
         "(instruction, system or worked-example text), `format_leak`, `copied_draft`, `copied_feedback` (a revision pasting "
         "a sentence of a neighbour's reason), `misquoted` (a reason "
         "quoting words the rated answer does not hold), `author_voice` (a reason promising to act, \"I'll do "
-        'better.", instead of judging), `repetition` '
+        'better.", instead of judging), `stated_rating` (a reason restating a score, "The answer is 4 out of 7."), '
+        '`ai_persona` (a text speaking as or to an AI, "As a community-focused AI, ..."), `repetition` '
         "(Gopher-style n-gram and duplicate-sentence rules adapted to short texts), `off_topic` (no "
         "content word shared with the question and few dictionary words), `meta_commentary` (an answer "
         "that talks about the answer or the members instead of answering), `same_as_draft` and "

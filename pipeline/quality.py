@@ -50,6 +50,22 @@ Reason codes (thresholds are fields of :class:`QualityConfig`):
   to"): "I'll do better.", "That's a great answer. I'll make sure to improve it.", "I'll just add a
   sentence to that." Measured on the 3,240 reasons of make runs r1-r16: 140 match, 115 of them not
   flagged otherwise; 40 of those 115 read by hand, none a judgement of the answer.
+- ``stated_rating``: a neighbour's reason that states a score on the rating scale ("The answer is 4 out
+  of 7.", "7/7") instead of giving a reason: the reason turn itself says "You rated their answer N out
+  of 7", so the number is that turn echoed, and often another number than the neighbour's rating
+  (a 7 under a rating of 3.5). Measured on the 648 reasons of make runs r24, r25fp32 and r26: 19
+  match, 12 of them not flagged otherwise; 15 repeat the turn's 4, 4 state a 3 or a 7.
+- ``ai_persona``: a text that speaks as or to an AI instead of as a member of the society ("As a
+  community-focused AI, I'm happy to assist you.", "You're a friendly and helpful AI"): outside
+  double quotes, "as", "I'm", "I am", "you're" or "you are", an article and up to three words, then
+  "AI" (upper case), "A.I.", "chatbot", "language model" or "virtual assistant". The agents are
+  people of a society; the persona is the small chat model's assistant identity leaking through,
+  and the judge scores it high (an assistant-identity non-answer 7.00). Naming an AI is not enough
+  ("Using AI to write your essay is dishonest." is clean). Measured on the 648 answers and 648
+  reasons of make runs r24, r25fp32 and r26: 6 answers and 8 reasons match, 2 and 0 of them flagged
+  otherwise; one, the revision "As a community-focused AI, I'm happy to assist you. I have a number
+  of different ways that you can get into your neighbour's pool ...", scored 7.00, at the top of its
+  imitation group in r24 and r26.
 - ``repetition``: heavy repetition, measured as the Gopher rules (Rae et al. 2021, appendix A)
   measure it, adapted to answers of a few sentences: duplicate sentences (by count and by
   characters) stand for Gopher's duplicate lines and paragraphs; the share of the most frequent
@@ -103,7 +119,7 @@ from spellchecker import SpellChecker
 
 from pipeline import prompts
 from pipeline.errors import UserError
-from pipeline.llm.ratings import ANSWER_PREFIX, QUESTION_PREFIX, RATING_PREFIX, REASON_PREFIX
+from pipeline.llm.ratings import ANSWER_PREFIX, QUESTION_PREFIX, RATING_PREFIX, REASON_PREFIX, SCALE
 from pipeline.records import ASPECTS, FLAGS_COLUMN
 
 TextKind = Literal["draft", "revision", "reason"]
@@ -120,6 +136,8 @@ Reason = Literal[
     "copied_feedback",
     "misquoted",
     "author_voice",
+    "stated_rating",
+    "ai_persona",
     "repetition",
     "off_topic",
     "same_as_draft",
@@ -291,6 +309,11 @@ def normalised(text: str) -> str:
 
 _QUOTED = re.compile(r'["“]([^"“”]*)["”]')
 _FIRST_PERSON_FUTURE = re.compile(r"\bI(?:'ll| will| am going to|'m going to)\b", re.IGNORECASE)
+_STATED_RATING = re.compile(rf"\b\d+(?:\.\d+)?(?: out of |/){SCALE}\b")
+_AI_PERSONA = re.compile(
+    r"\b(?i:as|I'm|I am|you're|you are)\s+(?i:an?\s+)?(?:[\w-]+,?\s+){0,3}"
+    r"(?:AI|A\.I\.|(?i:chat ?bot|language model|virtual assistant))(?!\w)"
+)
 
 
 def misquotes(reason: str, draft: str) -> bool:
@@ -582,6 +605,10 @@ def text_flags(
         flags.append("misquoted")
     if kind == "reason" and _FIRST_PERSON_FUTURE.search(_QUOTED.sub("", text.replace("’", "'"))):
         flags.append("author_voice")
+    if kind == "reason" and _STATED_RATING.search(_QUOTED.sub("", text)):
+        flags.append("stated_rating")
+    if _AI_PERSONA.search(_QUOTED.sub("", text.replace("’", "'"))):
+        flags.append("ai_persona")
     if _repetitive(text, config):
         flags.append("repetition")
     context = words(question) + (words(draft) if kind == "reason" and draft else [])

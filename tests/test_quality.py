@@ -87,6 +87,16 @@ def test_clean_texts_pass() -> None:
         ("I'll do better.", "reason", "author_voice"),
         ("That's a great answer. I will make sure to improve it.", "reason", "author_voice"),
         ("I’m going to add a sentence about asking first.", "reason", "author_voice"),
+        ("The answer is 4 out of 7: Compassion and honesty.", "reason", "stated_rating"),
+        ("I'd give it 6/7, since it is kind to the sister.", "reason", "stated_rating"),
+        ("As a community-focused AI, I'm happy to assist you with your sister.", "draft", "ai_persona"),
+        ("You're a friendly and helpful AI, and I'm happy to help you.", "reason", "ai_persona"),
+        (
+            "I'm sorry, but as an AI designed to provide information, I can't advise you.",
+            "revision",
+            "ai_persona",
+        ),
+        ("Sorry, as a language model I have no sister.", "draft", "ai_persona"),
         (
             "Ask her to stop.\n\nQuestion: What if she refuses?\nAnswer: Then lock your wardrobe.",
             "draft",
@@ -106,6 +116,31 @@ def test_clean_texts_pass() -> None:
 )
 def test_each_reason_fires(text: str, kind: q.TextKind, reason: str) -> None:
     assert reason in flags(text, kind, draft=CLEAN_DRAFT)
+
+
+def test_a_reason_restating_its_rating_is_flagged_and_answers_may_count() -> None:
+    """The reason turn tells the neighbour its rating; a reason that repeats it (make runs r24-r26) or
+    states another gives no reason. Answers may use the same words for other things."""
+    turn = prompts.neighbour_reason_messages("q", "a", 4.0)[-1]["content"]
+    stated = re.search(r"\b4 out of 7\b", turn)
+    assert stated, turn
+    assert "stated_rating" in flags(f"The answer is {stated.group()}.", "reason", draft=CLEAN_DRAFT)
+    assert flags("It takes 4 out of 7 days to dry, so ask her to wait.") == []
+    assert flags('Her "7/7 rule" is kind and fair.', "reason", draft="Agree on her 7/7 rule.") == []
+
+
+def test_an_ai_persona_is_flagged_but_naming_an_ai_is_not() -> None:
+    """The agents are members of a society; speaking as or to an AI is the chat model's identity."""
+    clean = [
+        "Using AI to write your homework is dishonest, so write it yourself.",
+        "As a shop assistant, I would ask her to pay for the clothes first.",
+        "As an AIDS nurse, I have seen how much a calm word helps.",
+    ]
+    for text in clean:
+        assert flags(text) == [], text
+    assert "ai_persona" in flags("You're a team-oriented AI assistant, here to support you.", "reason")
+    assert "ai_persona" in flags("As a chatbot, I'm not able to give advice about sisters.")
+    assert flags('"I\'m an AI" is an odd thing for her to say.', "reason", draft='Say "I\'m an AI".') == []
 
 
 def test_a_prompt_sentence_with_one_word_changed_is_a_copy() -> None:
