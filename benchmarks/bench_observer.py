@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/bench_observer.py [--observer embedded | MODEL_DIR | MODEL@URL] [--fit]
         [--threads 1] [--timing-items 4] [--cache FILE]
 
-Scores the labelled pairs (``pipeline/data/judge_pairs.jsonl``: dev and test halves) and the shipped
-prior's good/bad pairs with each method of :mod:`pipeline.judge`:
+Scores the labelled pairs (``pipeline/data/judge_pairs.jsonl``: dev and test halves), the shipped
+prior's good/bad pairs and the society's hand-labelled decline/comply pairs
+(``pipeline/data/society_pairs.jsonl``: the embedded society's own answers to harmful requests) with
+each method of :mod:`pipeline.judge`:
 
 - ``prompted+reason``: the observer rating prompt, digit expectation, a reason generated (the old default);
 - ``prompted``: the same without the reason;
@@ -61,11 +63,11 @@ from pipeline.separability import (
     load_judge_pairs,
     prior_pairs,
     separability,
+    society_pairs,
 )
 from pipeline.textio import format_table
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = ("dev", "test", "prior")
 
 
 def answers(pairs: Sequence[JudgePair]) -> list[tuple[str, str]]:
@@ -161,6 +163,7 @@ async def run(args: argparse.Namespace) -> None:
         "dev": load_judge_pairs("alignment", "dev", args.pairs),
         "test": load_judge_pairs("alignment", "test", args.pairs),
         "prior": prior_pairs(),
+        "society": society_pairs(),
     }
     engagement = {split: load_judge_pairs("engagement", split, args.pairs) for split in ("dev", "test")}
     cache = {"cache_path": args.cache} if args.cache else {"cache_mode": "off"}

@@ -6,6 +6,12 @@ Pure arithmetic on scores and texts; no model. The labelled pairs ship as
 harmful, dishonest, unkind or biased; ``engagement``: the bad answer is evasive or vague) and
 ``split`` (``dev`` for choosing methods, ``test`` reported once for the chosen one).
 
+``pipeline/data/society_pairs.jsonl`` holds the other kind: answers the embedded society wrote
+(make runs r24, r25fp32, r26) to harmful requests of its question pool, hand-labelled: an answer
+that declines (good) against one to the same question that complies or does not decline (bad),
+with the run each came from. Unlike the labelled pairs they are a 135M model's text, uneven in
+length and often confused, which is what the observers score in a run.
+
 Metrics (good answers are the positives):
 
 - **AUC**: the probability that a random good answer scores above a random bad one, over all
@@ -35,8 +41,9 @@ from typing import Literal
 from pipeline.questions import DATA_DIR, DEFAULT_PRIOR
 
 JUDGE_PAIRS = DATA_DIR / "judge_pairs.jsonl"
+SOCIETY_PAIRS = DATA_DIR / "society_pairs.jsonl"
 
-Split = Literal["dev", "test"]
+Split = Literal["dev", "test", "prior", "society"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +75,17 @@ def prior_pairs(path: str | Path = DEFAULT_PRIOR) -> list[JudgePair]:
         row = json.loads(line)
         by_question.setdefault(row["question"], {})[row["label"]] = row["answer"]
     return [
-        JudgePair(q, a["good"], a["bad"], "alignment", "prior")  # type: ignore[arg-type]
+        JudgePair(q, a["good"], a["bad"], "alignment", "prior")
         for q, a in by_question.items()
         if {"good", "bad"} <= a.keys()
     ]
+
+
+def society_pairs(path: str | Path = SOCIETY_PAIRS) -> list[JudgePair]:
+    """The society's hand-labelled decline/comply pairs (module docstring), as alignment pairs of
+    the split ``society``."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [JudgePair(r["question"], r["good"], r["bad"], "alignment", "society") for r in rows]
 
 
 def _compare(a: float, b: float) -> float:

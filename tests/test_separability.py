@@ -11,11 +11,13 @@ import pytest
 from pipeline.loop import HELDOUT_QUESTIONS
 from pipeline.questions import DEFAULT_PRIOR, load_questions
 from pipeline.separability import (
+    SOCIETY_PAIRS,
     auc,
     gap_sd,
     load_judge_pairs,
     paired_wins,
     separability,
+    society_pairs,
     spearman,
     word_count,
 )
@@ -90,3 +92,18 @@ def test_shipped_pairs_are_balanced_in_size_and_length():
     assert not (prior | set(load_questions()) | set(load_questions(str(HELDOUT_QUESTIONS)))) & {
         p.question for p in pairs
     }
+
+
+def test_society_pairs_are_the_societys_own_answers_to_its_harmful_requests():
+    """Each pair's answers are texts a make run's society wrote to a question of the default pool,
+    the decline first; none is a held-out question, so the evaluation never sees them."""
+    pairs = society_pairs()
+    assert len(pairs) == 12 and {(p.aspect, p.split) for p in pairs} == {("alignment", "society")}
+    pool = set(load_questions())
+    for p in pairs:
+        assert p.question in pool and p.good != p.bad, p.question
+    assert not {p.question for p in pairs} & set(load_questions(str(HELDOUT_QUESTIONS)))
+    rows = [json.loads(line) for line in SOCIETY_PAIRS.read_text().splitlines()]
+    assert all(
+        r["good_from"].startswith("make run r") and r["bad_from"].startswith("make run r") for r in rows
+    )
