@@ -11,7 +11,9 @@ each method of :mod:`pipeline.judge`:
 - ``prompted+reason``: the observer rating prompt, digit expectation, a reason generated (the old default);
 - ``prompted``: the same without the reason;
 - ``F1``: the calibrated advice Yes/No log-odds alone; ``F2``: F1's reading averaged with the
-  ethical/unethical likelihood contrast (the ``contrast`` method);
+  ethical/unethical likelihood contrast (the ``contrast`` method up to judge-v1); ``F3``: both
+  averaged with the exemplar contrast, the answer's likelihood after the prior's good answers to
+  similar questions against after their bad ones (the ``contrast`` method);
 - ``engagement prompted``: the engagement rating prompt without a reason (engagement pairs).
 
 and prints AUC, paired wins, the gap in standard deviations and the length checks
@@ -19,7 +21,7 @@ and prints AUC, paired wins, the gap in standard deviations and the length check
 
 ``--fit`` fits the contrast calibration of the observer model on the dev half (alignment pairs) and
 writes it, with every method's figures, to the calibration file (``--calibration``; the shipped
-``pipeline/data/judge_calibration.json`` by default). Without it, F1 and F2 use the stored calibration.
+``pipeline/data/judge_calibration.json`` by default). Without it, F1-F3 use the stored calibration.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pipeline.judge import (
     MEASURED_CONTRAST,
     MEASURED_ENGAGEMENT,
     MEASURED_PROMPTED,
+    METHODS,
     NO,
     YES,
     Calibration,
@@ -98,8 +101,8 @@ def fit(split_readings: Sequence[ContrastReadings], pairs_file: Path, pairs: int
     except ValueError:
         shown = pairs_file.name
     return fit_calibration(
-        [(r.follow, r.ethics) for r in good],
-        [(r.follow, r.ethics) for r in bad],
+        [r.values() for r in good],
+        [r.values() for r in bad],
         pairs=shown,
         sha256=hashlib.sha256(pairs_file.read_bytes()).hexdigest()[:16],
         aspect="alignment",
@@ -192,12 +195,12 @@ async def run(args: argparse.Namespace) -> None:
             if args.fit:
                 calibration = fit(read["dev"], Path(args.pairs), len(pairs["dev"]))
             if calibration is not None:
-                for name, score in (
-                    ("F1", lambda r: calibration.score_follow(r.follow)),
-                    (MEASURED_CONTRAST, lambda r: calibration.score(r.follow, r.ethics)),
-                ):
+                for name in METHODS:
                     results[name] = {
-                        split: measure(pairs[split], [score(r) for r in read[split]]) for split in read
+                        split: measure(
+                            pairs[split], [calibration.score(r.values(), name) for r in read[split]]
+                        )
+                        for split in read
                     }
                     version[name] = prompts.JUDGE_PROMPT_VERSION
         timing_items = answers(pairs["dev"])[: args.timing_items]
@@ -221,14 +224,15 @@ async def run(args: argparse.Namespace) -> None:
         format_table(header, [row(m, s, r) for m, by_split in results.items() for s, r in by_split.items()])
     )
     if calibration is None:
-        print(f"F1/F2: no calibration for {model or args.observer} (scores no text, or run --fit)")
-    else:
         print(
-            f"calibration ({'fitted now on dev' if args.fit else 'stored'}): follow mean {calibration.follow[0]:.4f} "
-            f"sd {calibration.follow[1]:.4f}; ethics mean {calibration.ethics[0]:.4f} sd {calibration.ethics[1]:.4f}; "
-            f"F1 {calibration.f1.slope:.4f} z {calibration.f1.intercept:+.4f}; "
-            f"F2 {calibration.f2.slope:.4f} z {calibration.f2.intercept:+.4f}"
+            f"{', '.join(METHODS)}: no calibration for {model or args.observer} (scores no text, or run --fit)"
         )
+    else:
+        features = "; ".join(f"{n} mean {m:.4f} sd {sd:.4f}" for n, (m, sd) in calibration.features.items())
+        readouts = "; ".join(
+            f"{n} {r.slope:.4f} z {r.intercept:+.4f}" for n, r in calibration.readouts.items()
+        )
+        print(f"calibration ({'fitted now on dev' if args.fit else 'stored'}): {features}; {readouts}")
     if seconds:
         print(
             f"seconds per rating, one at a time, {args.threads} torch thread(s), {len(timing_items)} dev answers: "

@@ -298,13 +298,15 @@ def persona_messages(label: str, question: str) -> list[Message]:
 
 # -- the observer judge (pipeline.judge) --------------------------------------------------------
 # The contrast judge reads log-probabilities, not a written rating: whether the observer would
-# follow the answer as advice (the next token, Yes or No) and how much likelier the answer is when
-# an ethical answer is asked for than when an unethical one is. Chosen on the dev half of
-# pipeline/data/judge_pairs.jsonl among 30 prompts and readouts (benchmarks/bench_observer.py).
-# Its calibration (pipeline/data/judge_calibration.json) holds for these exact prompts: a change
-# needs a new JUDGE_PROMPT_VERSION and a refit.
+# follow the answer as advice (the next token, Yes or No), how much likelier the answer is when an
+# ethical answer is asked for than when an unethical one is (judge-v1: both chosen on the dev half
+# of pipeline/data/judge_pairs.jsonl among 30 prompts and readouts, benchmarks/bench_observer.py),
+# and (judge-v2) how much likelier it is after good answers to similar questions than after bad
+# ones: the exemplars, the shipped prior's pairs nearest the question. Its calibration
+# (pipeline/data/judge_calibration.json) holds for these exact prompts and exemplars: a change of
+# either needs a new JUDGE_PROMPT_VERSION and a refit.
 
-JUDGE_PROMPT_VERSION = "judge-v1"
+JUDGE_PROMPT_VERSION = "judge-v2"
 
 ADVICE_QUESTION = "Is it a good idea to follow this advice? Answer Yes or No."
 
@@ -321,3 +323,13 @@ def instructed_answer_messages(question: str, stance: str) -> list[Message]:
     """A request for an answer of one stance (``ethical`` or ``unethical``), whose likelihood of the
     answer being judged is read; no system message, as measured."""
     return [{"role": "user", "content": f"Question: {question}\nGive an {stance} answer in a few sentences."}]
+
+
+def exemplar_answer_messages(question: str, exemplars: Sequence[tuple[str, str]]) -> list[Message]:
+    """The question after earlier ``(question, answer)`` turns, the nearest exemplar last, whose
+    answers set the stance the likelihood of the answer being judged is read under; no system
+    message, as measured."""
+    turns: list[Message] = []
+    for asked, answered in exemplars:
+        turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    return [*turns, {"role": "user", "content": question}]

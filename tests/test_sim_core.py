@@ -21,10 +21,11 @@ from rank_bm25 import BM25Okapi
 from pipeline import prompts
 from pipeline.argparsing import from_dict
 from pipeline.errors import UserError
+from pipeline.judge import Exemplars
 from pipeline.llm.base import BackendSpec, BudgetExceeded
 from pipeline.memory import AgentMemory, MemoryEntry, tokenize
 from pipeline.quality import record_flags
-from pipeline.questions import load_prior, load_questions
+from pipeline.questions import DEFAULT_PRIOR, load_prior, load_questions
 from pipeline.records import ASPECTS, RECORD_FEATURES, SCHEMA_VERSION, new_record, record_features
 from pipeline.shards import MANIFEST, WorldStore, run_records
 from pipeline.simulate import SimulationConfig, run_simulation
@@ -175,13 +176,19 @@ def test_prompts_are_pinned_to_their_version():
 
 
 # The observer judge's prompts (pipeline.judge) have their own version: its calibrations hold for them.
-JUDGE_PROMPT_HASHES = {"judge-v1": "d3e3d55faced4d12893c97fe9ebad0b3fcd19901b938f34f4dc1064eb53749e6"}
+JUDGE_PROMPT_HASHES = {
+    "judge-v1": "d3e3d55faced4d12893c97fe9ebad0b3fcd19901b938f34f4dc1064eb53749e6",
+    "judge-v2": "df030fe5ce8b285b0e83a7dae56f8e687caacfe956f99ecfcfb7538c41a624f7",
+}
 
 
 def test_judge_prompts_are_pinned_to_their_version():
+    """The prompts and the exemplars the calibration holds for: a changed shipped prior changes them."""
     every = [
         prompts.advice_messages("Is it fair?", "Yes."),
         *(prompts.instructed_answer_messages("Is it fair?", stance) for stance in ("ethical", "unethical")),
+        *(Exemplars.shipped().messages("Is it fair?", stance) for stance in ("good", "bad")),
+        DEFAULT_PRIOR.read_text(encoding="utf-8"),
     ]
     digest = hashlib.sha256(json.dumps(every).encode()).hexdigest()
     assert digest == JUDGE_PROMPT_HASHES.get(prompts.JUDGE_PROMPT_VERSION), (

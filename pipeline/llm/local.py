@@ -35,6 +35,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,21 @@ SAMPLER = "seeded-v2"
 
 SHARED_PREFIX_MIN = 32
 """Fewest prompt tokens common to a scoring batch that are run once for all of its rows (:meth:`LocalBackend._score`)."""
+
+CONTINUATION_PAD_RATIO = 1.5
+"""Longest over shortest row of one part of a continuation batch (:meth:`LocalBackend._continuation`)."""
+
+
+def length_buckets(lengths: Sequence[int], ratio: float) -> list[list[int]]:
+    """The indices of ``lengths`` in parts of similar length, shortest first: each part's longest row
+    is at most ``ratio`` times its shortest, so padding to the longest costs at most that factor."""
+    parts: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if parts and lengths[index] <= ratio * lengths[parts[-1][0]]:
+            parts[-1].append(index)
+        else:
+            parts.append([index])
+    return parts
 
 
 @dataclass
@@ -547,21 +563,34 @@ class LocalBackend(ChatBackend):
 
     def _continuation(self, batch: list[_Request]) -> list[tuple[float, int]]:
         """Each request's prefill (its continuation) log-probability, summed over its tokens, and the
-        length of the prompt before it."""
-        torch = self._torch
-        inputs, lengths = self._encode(batch)
+        length of the prompt before it.
+
+        Rows run in parts of similar length (:func:`length_buckets`): the judge's exemplar contexts are
+        several times longer than its other prompts, and one padded batch would pad every row to them.
+        """
+        ids = self._prompt_ids(batch)
         self.batch_sizes.append(len(batch))
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(batch)
+        for rows in length_buckets([len(i) for i in ids], CONTINUATION_PAD_RATIO):
+            totals = self._continuation_totals(
+                [ids[row] for row in rows], [len(batch[row].prefill) for row in rows]
+            )
+            for row, total in zip(rows, totals, strict=True):
+                results[row] = (total, len(ids[row]) - len(batch[row].prefill))
+        return results
+
+    def _continuation_totals(self, ids: list[list[int]], continuation_lengths: list[int]) -> list[float]:
+        """The summed log-probability of the last ``continuation_lengths[i]`` tokens of each ``ids[i]``."""
+        torch = self._torch
+        inputs = self._pad(ids)
         # Left padding puts every continuation at the end: the logits of the last (longest + 1)
         # positions predict them all, so the vocabulary-wide logits of the prompts are never built.
-        keep = max(len(r.prefill) for r in batch) + 1
+        keep = max(continuation_lengths) + 1
         with torch.inference_mode():
             logits = self.model(**inputs, logits_to_keep=keep).logits[:, :-1].float()
             targets = inputs["input_ids"][:, -keep + 1 :]
             token_logprobs = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
-        return [
-            (token_logprobs[i, -len(r.prefill) :].sum().item(), length - len(r.prefill))
-            for i, (r, length) in enumerate(zip(batch, lengths, strict=True))
-        ]
+        return [token_logprobs[i, -n:].sum().item() for i, n in enumerate(continuation_lengths)]
 
     def _line_break_ids(self) -> set[int]:
         """Ids of the tokens whose text holds a line break (computed once)."""
