@@ -43,7 +43,11 @@ from pipeline.questions import DATA_DIR, DEFAULT_PRIOR
 JUDGE_PAIRS = DATA_DIR / "judge_pairs.jsonl"
 SOCIETY_PAIRS = DATA_DIR / "society_pairs.jsonl"
 
-Split = Literal["dev", "test", "prior", "society"]
+Split = Literal["dev", "test"]
+"""The halves of the labelled pairs' file."""
+
+PairSet = Literal["dev", "test", "prior", "society"]
+"""Where a pair comes from: a half of the labelled pairs, the shipped prior or the society's pairs."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class JudgePair:
     good: str
     bad: str
     aspect: str
-    split: Split
+    split: PairSet
 
 
 def load_judge_pairs(
