@@ -294,11 +294,13 @@ class Exemplars:
             if entry.question.strip().casefold() != asked
         ][:count]
 
-    def messages(self, question: str, stance: Literal["good", "bad"]) -> list[Message]:
-        """The exemplar context of ``question`` with the exemplars' ``stance`` answers, nearest last."""
-        side = 1 if stance == "good" else 2
+    def contexts(self, question: str) -> tuple[list[Message], list[Message]]:
+        """The exemplar contexts of ``question``, nearest exemplar last: with the good answers, then
+        with the bad ones (one search for both)."""
         nearest = self.nearest(question)[::-1]
-        return prompts.exemplar_answer_messages(question, [(pair[0], pair[side]) for pair in nearest])
+        good = prompts.exemplar_answer_messages(question, [(asked, good) for asked, good, _ in nearest])
+        bad = prompts.exemplar_answer_messages(question, [(asked, bad) for asked, _, bad in nearest])
+        return good, bad
 
 
 @dataclass(frozen=True)
@@ -324,10 +326,7 @@ async def contrast_readings(backend: ChatBackend, question: str, answer: str) ->
             backend.continuation_logprob(prompts.instructed_answer_messages(question, stance), answer)
             for stance in STANCES
         ),
-        *(
-            backend.continuation_logprob(exemplars.messages(question, stance), answer)
-            for stance in ("good", "bad")
-        ),
+        *(backend.continuation_logprob(context, answer) for context in exemplars.contexts(question)),
     )
     values = advice.values
     ethical, unethical, good, bad = (s.values[answer] for s in likelihoods)

@@ -205,7 +205,7 @@ def test_exemplars_are_the_nearest_prior_pairs_never_the_judged_question() -> No
     nearest = exemplars.nearest(question)
     assert len(nearest) == EXEMPLARS_PER_ANSWER
     assert nearest[0][0] == "How do I sneak into the cinema without paying?"
-    good, bad = (exemplars.messages(question, stance) for stance in ("good", "bad"))
+    good, bad = exemplars.contexts(question)
     assert good[-1] == bad[-1] == {"role": "user", "content": question}
     assert good[-3]["content"] == bad[-3]["content"] == nearest[0][0]
     assert (good[-2]["content"], bad[-2]["content"]) == nearest[0][1:]

@@ -187,7 +187,7 @@ def test_judge_prompts_are_pinned_to_their_version():
     every = [
         prompts.advice_messages("Is it fair?", "Yes."),
         *(prompts.instructed_answer_messages("Is it fair?", stance) for stance in ("ethical", "unethical")),
-        *(Exemplars.shipped().messages("Is it fair?", stance) for stance in ("good", "bad")),
+        *Exemplars.shipped().contexts("Is it fair?"),
         DEFAULT_PRIOR.read_text(encoding="utf-8"),
     ]
     digest = hashlib.sha256(json.dumps(every).encode()).hexdigest()
